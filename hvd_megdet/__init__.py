@@ -1,0 +1,1 @@
+"""hvd_megdet: MegDet large mini-batch object detection on Horovod."""

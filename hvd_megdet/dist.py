@@ -1,0 +1,72 @@
+"""Distribution has one home: Horovod set-up, rank queries and the few collectives the trainer needs.
+
+A process started without horovodrun is rank 0 of a world of 1 (Horovod handles that itself), so the
+trainer, evaluator and tests run the same code single-process and under `horovodrun -np N`.
+Every function here that communicates must be called by all ranks, in the same order.
+"""
+import os
+
+import horovod.torch as hvd
+import torch
+
+
+def init():
+    """Initialise Horovod (with dynamic process sets, so BN groups can be registered once the size is known)."""
+    hvd.init(process_sets="dynamic")
+
+
+def rank():
+    return hvd.rank()
+
+
+def size():
+    return hvd.size()
+
+
+def local_rank():
+    return hvd.local_rank()
+
+
+def is_main():
+    return hvd.rank() == 0
+
+
+def device_for(requested):
+    """The torch.device for this rank: 'auto' picks CUDA (this rank's local GPU) when available, else CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch sees no CUDA device")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        # Horovod: pin one GPU per process, by local rank.
+        torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def allreduce_sum(tensor, name):
+    """Sum of `tensor` over all ranks (on CPU; returns a new tensor)."""
+    return hvd.allreduce(tensor.cpu(), op=hvd.Sum, name=name)
+
+
+def any_rank(flag, name):
+    """True on every rank when `flag` is true on any rank (use it to fail or skip on all ranks together)."""
+    return allreduce_sum(torch.tensor([float(bool(flag))]), name).item() > 0
+
+
+def broadcast_object(obj, name, root_rank=0):
+    """`obj` from `root_rank`, on every rank."""
+    if hvd.size() == 1:
+        return obj
+    return hvd.broadcast_object(obj, root_rank=root_rank, name=name)
+
+
+def gather_object(obj, name):
+    """The list of every rank's `obj` (all ranks receive it; the trainer only uses it on rank 0)."""
+    if hvd.size() == 1:
+        return [obj]
+    return hvd.allgather_object(obj, name=name)
+
+
+def torch_threads_per_rank():
+    """CPU threads for one rank: the cores divided by the ranks on this host (avoids oversubscription)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // max(1, hvd.local_size()))

@@ -1,0 +1,54 @@
+"""Evaluate a trained detector on the validation set of a config (single process or under horovodrun).
+
+    python -m hvd_megdet.evaluate --config configs/demo_shapes.yaml model.weights=output/demo/checkpoints/model_0000600.pth
+    horovodrun -np 8 -H localhost:8 python -m hvd_megdet.evaluate --config ... model.weights=CKPT
+
+Writes `<output_dir>/eval/latest.json` and the detections, and prints the COCO table.
+"""
+import sys
+
+import torch
+
+from hvd_megdet import checkpoint, dist
+from hvd_megdet.config import ConfigError, load_config
+from hvd_megdet.data import build_val_loader, load_coco
+from hvd_megdet.engine import evaluate
+from hvd_megdet.train import USER_ERRORS, model_from_config, parse_args, val_dataset
+
+
+def evaluate_checkpoint(cfg):
+    """Evaluate `cfg.model.weights` on `cfg.data.val`; returns the bbox metrics on every rank."""
+    if not cfg.model.weights:
+        raise ConfigError("evaluate needs model.weights=CHECKPOINT")
+    if not cfg.data.val.annotations:
+        raise ConfigError("evaluate needs data.val.annotations")
+    dist.init()
+    device = dist.device_for(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(dist.torch_threads_per_rank())
+    # Both splits of a COCO-format dataset list the same categories, so the val set gives the label mapping.
+    val_set = val_dataset(cfg)
+    num_classes = len(val_set.label_to_cat_id)  # K categories + background
+    # Inference uses running statistics only, so CGBN layers become plain BN: no collective per layer.
+    norm = "bn" if cfg.model.norm == "cgbn" else cfg.model.norm
+    model = model_from_config(cfg.model, num_classes, norm=norm).to(device)
+    loader = build_val_loader(val_set, dist.rank(), dist.size(), cfg.data.num_workers)
+    coco_gt = load_coco(cfg.data.val.annotations) if dist.is_main() else None
+    iteration = int(checkpoint.load(cfg.model.weights).get("iteration", 0))
+    metrics = evaluate(model, loader, coco_gt, val_set.label_to_cat_id, device, cfg.output_dir, iteration,
+                       cfg.amp, cfg.channels_last)
+    if dist.is_main():
+        print(" ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        evaluate_checkpoint(load_config(args.config, args.overrides))
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

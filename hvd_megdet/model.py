@@ -1,0 +1,223 @@
+"""The detector: torchvision Faster R-CNN with a ResNet + FPN backbone whose norm layers we choose.
+
+MegDet (Peng et al. 2018) is Faster R-CNN R50-FPN trained with Cross-GPU BatchNorm (CGBN). `build_model`
+assembles the same network from torchvision parts instead of `fasterrcnn_resnet50_fpn`, which hard-codes
+FrozenBatchNorm, so that one argument sets the norm of backbone, FPN and box head:
+
+    norm="frozen"  FrozenBatchNorm2d in the ResNet; FPN and box head (2 fc) without norm. torchvision's
+                   default detector and the paper's fixed-BN baseline.
+    norm="bn"      nn.BatchNorm2d in ResNet, FPN and box head (4 conv + 1 fc, as fasterrcnn_resnet50_fpn_v2);
+                   statistics of each process's own images.
+    norm="cgbn"    as "bn", then every BatchNorm2d becomes hvd_megdet.sync_bn's cross-GPU BatchNorm.
+
+Images reach the model already resized by the data pipeline (shortest side / max size, in loader workers),
+so the model's transform only normalizes (ImageNet mean/std) and pads to a multiple of 32; detections come
+out in the coordinates of the network input (`evaluation.to_coco_results` maps them back to the image).
+
+Weights are randomly initialised unless `weights` names a local file; nothing is ever downloaded.
+"""
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18, resnet34, resnet50, resnet101
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.ops import FrozenBatchNorm2d
+
+NORMS = ("frozen", "bn", "cgbn")
+# The stages of a ResNet from the input on; `trainable_backbone_layers=k` trains the last k of them.
+_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
+def _tiny_resnet(norm_layer, widths=(16, 32, 64, 128)):
+    """A ResNet-10 of BasicBlocks with narrow widths for CPU demos: one block per stage, same strides
+    (4, 8, 16, 32) and module names (conv1, bn1, layer1..layer4) as torchvision's ResNets."""
+    layers = OrderedDict(
+        conv1=nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
+        bn1=norm_layer(widths[0]),
+        relu=nn.ReLU(inplace=True),
+        maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    )
+    in_ch = widths[0]
+    for i, out_ch in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        downsample = None
+        if stride != 1 or in_ch != out_ch:
+            downsample = nn.Sequential(conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
+        layers[f"layer{i + 1}"] = nn.Sequential(BasicBlock(in_ch, out_ch, stride, downsample, norm_layer=norm_layer))
+        in_ch = out_ch
+    body = nn.Sequential(layers)
+    for m in body.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return body
+
+
+# name -> (ResNet constructor taking norm_layer, output channels of layer1..layer4, FPN channels,
+#          box head representation size)
+BACKBONES = {
+    "resnet_tiny": (_tiny_resnet, (16, 32, 64, 128), 64, 256),
+    "resnet18": (partial(resnet18, weights=None), (64, 128, 256, 512), 256, 1024),
+    "resnet34": (partial(resnet34, weights=None), (64, 128, 256, 512), 256, 1024),
+    "resnet50": (partial(resnet50, weights=None), (256, 512, 1024, 2048), 256, 1024),
+    "resnet101": (partial(resnet101, weights=None), (256, 512, 1024, 2048), 256, 1024),
+}
+
+
+class PreResizedTransform(GeneralizedRCNNTransform):
+    """GeneralizedRCNNTransform without the resize: normalizes with mean/std and pads the batch to a
+    multiple of `size_divisible`. Image sizes, target boxes and detections stay in input coordinates
+    (postprocess then rescales by a factor of 1)."""
+
+    def __init__(self, image_mean, image_std, size_divisible=32):
+        super().__init__(min_size=0, max_size=0, image_mean=image_mean, image_std=image_std,
+                         size_divisible=size_divisible)
+
+    def resize(self, image, target=None):
+        return image, target
+
+    def __repr__(self):
+        return (f"{self.__class__.__name__}(Normalize(mean={self.image_mean}, std={self.image_std}), "
+                f"size_divisible={self.size_divisible}, no resize)")
+
+
+def _freeze(module):
+    """Freeze `module` in place: parameters lose requires_grad, and every BatchNorm2d is replaced by a
+    FrozenBatchNorm2d holding its current statistics, so train mode does not update running statistics
+    of frozen stages either (requires_grad alone would let them drift). Returns the module."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        frozen.weight.copy_(module.weight.detach())
+        frozen.bias.copy_(module.bias.detach())
+        frozen.running_mean.copy_(module.running_mean)
+        frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, _freeze(child))
+    module.requires_grad_(False)
+    return module
+
+
+def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=None, two_phase=True,
+                anchor_sizes=(32, 64, 128, 256, 512), trainable_backbone_layers=None, weights=None,
+                **detector_kwargs):
+    """Build a Faster R-CNN ResNet-FPN detector (torchvision `FasterRCNN`).
+
+    num_classes: number of classes including background (K + 1); labels 1..K, 0 is background.
+    backbone: one of BACKBONES ("resnet_tiny" is a narrow ResNet-10 with a 64-channel FPN for CPU demos).
+    norm: "frozen" | "bn" | "cgbn" (see the module docstring). For "cgbn", `process_set` (a Horovod
+        process set: the group of ranks whose statistics are combined; None = all ranks) and `two_phase`
+        are passed to `hvd_megdet.sync_bn.convert_sync_batchnorm`.
+    anchor_sizes: one anchor size per FPN level P2..P6 (5 values), aspect ratios 0.5, 1, 2 at every level.
+    trainable_backbone_layers: how many ResNet stages, counted from layer4 down to the stem, are trained
+        (0..5). The others are frozen: no gradients, and their BatchNorms become FrozenBatchNorm2d.
+        Default: 3 (stem and layer1 frozen, the Detectron recipe) when norm="frozen" and `weights` is
+        given; 5 otherwise — MegDet trains every stage with CGBN, and freezing randomly initialised
+        stages would leave random features.
+    weights: path of a local weights file, see `load_weights`; None = random initialisation.
+    detector_kwargs: passed to `FasterRCNN` (e.g. rpn_batch_size_per_image, box_score_thresh,
+        box_detections_per_img, image_mean, image_std). Resizing is the data pipeline's job, so
+        min_size / max_size / fixed_size are refused.
+
+    Images given to the model must already be resized; it normalizes and pads them, nothing more.
+    Returns the FasterRCNN module (train mode).
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts background too (K + 1), so it must be >= 2; got {num_classes}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choices: {sorted(BACKBONES)}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choices: {list(NORMS)}")
+    if len(anchor_sizes) != 5:
+        raise ValueError(f"anchor_sizes needs one size per FPN level P2..P6 (5), got {tuple(anchor_sizes)}")
+    resize_keys = sorted({"min_size", "max_size", "fixed_size"} & detector_kwargs.keys())
+    if resize_keys:
+        raise ValueError(f"build_model got {resize_keys}: images are resized by the data pipeline "
+                         "(input.min_size / input.max_size), not by the model")
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = 3 if norm == "frozen" and weights is not None else 5
+    if not 0 <= trainable_backbone_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
+
+    make_resnet, stage_channels, fpn_channels, head_dim = BACKBONES[backbone]
+    frozen = norm == "frozen"
+    body = make_resnet(norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
+    for stage in _STAGES[: 5 - trainable_backbone_layers]:
+        for name in stage:
+            setattr(body, name, _freeze(getattr(body, name)))
+    fpn_backbone = BackboneWithFPN(
+        body,
+        return_layers={f"layer{i + 1}": str(i) for i in range(4)},
+        in_channels_list=list(stage_channels),
+        out_channels=fpn_channels,
+        norm_layer=None if frozen else nn.BatchNorm2d,
+    )
+    if frozen:
+        box_head = TwoMLPHead(fpn_channels * 7 * 7, head_dim)
+    else:
+        box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [head_dim], norm_layer=nn.BatchNorm2d)
+    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    model = FasterRCNN(fpn_backbone, rpn_anchor_generator=anchors, box_head=box_head,
+                       box_predictor=FastRCNNPredictor(head_dim, num_classes), **detector_kwargs)
+    # FasterRCNN's own transform would resize again; keep its mean/std and padding only.
+    model.transform = PreResizedTransform(model.transform.image_mean, model.transform.image_std,
+                                          model.transform.size_divisible)
+
+    if norm == "cgbn":
+        from hvd_megdet.sync_bn import convert_sync_batchnorm  # needs Horovod: imported only for CGBN
+
+        model = convert_sync_batchnorm(model, process_set=process_set, two_phase=two_phase)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _is_norm_counter(key):
+    return key.endswith("num_batches_tracked")
+
+
+def load_weights(model, path):
+    """Load the local weights file `path` into `model` (a `build_model` detector), in place.
+
+    Accepted contents (read with torch.load(weights_only=True), so a pickle of arbitrary objects is refused):
+      - our training checkpoint: a dict with a "model" state dict (other entries ignored);
+      - a full detector state dict (keys "backbone.", "rpn.", "roi_heads." ...);
+      - a torchvision ImageNet classification ResNet state dict (conv1.weight, layer1..., fc.*): it loads into
+        model.backbone.body, the fc.* classifier is dropped; FPN and heads keep their random initialisation.
+    BatchNorm `num_batches_tracked` counters are ignored both ways (FrozenBatchNorm2d has none).
+    Any other missing, unexpected or shape-mismatched key raises ValueError naming the file and the keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled objects other than tensors and containers
+        raise ValueError(f"{path}: not a weights file torch.load(weights_only=True) accepts: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint with a 'model' entry)")
+
+    target = model
+    if not any(k.startswith("backbone.") for k in state):  # an ImageNet classification ResNet
+        target = model.backbone.body
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = target.state_dict()
+    missing = [k for k in expected if k not in state and not _is_norm_counter(k)]
+    unexpected = [k for k in state if k not in expected and not _is_norm_counter(k)]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        problems = [f"{what} ({len(keys)}): {keys[:5]}" for what, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("shape file vs model", mismatched)) if keys]
+        where = "the detector" if target is model else "the backbone ResNet (read as an ImageNet state dict)"
+        raise ValueError(f"{path}: weights do not fit {where}; " + "; ".join(problems))
+    target.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)

@@ -1,0 +1,63 @@
+"""The paper's recipe as pure functions of the iteration: linear scaling rule, linear warmup, step/cosine decay.
+
+MegDet (Peng et al., CVPR 2018, Sec. 3.3-3.4): the learning rate grows linearly with the mini-batch,
+lr = base_lr x global_batch / base_batch, which keeps the variance of the gradient step comparable; a large
+lr is unstable at the start, so it warms up linearly from a small value over the first iterations.
+"""
+import bisect
+import math
+
+import torch
+from torch import nn
+
+
+def scaled_lr(base_lr, base_batch, global_batch):
+    """Linear scaling rule: the lr for `global_batch` images given `base_lr` at `base_batch` images."""
+    return base_lr * global_batch / base_batch
+
+
+def warmup_multiplier(iteration, warmup_iters, warmup_factor):
+    """Linear warmup: warmup_factor at iteration 0, rising linearly to 1 at warmup_iters, then 1."""
+    if iteration >= warmup_iters:
+        return 1.0
+    alpha = iteration / warmup_iters
+    return warmup_factor * (1.0 - alpha) + alpha
+
+
+def decay_multiplier(iteration, solver):
+    """Schedule after scaling: x gamma at each of `solver.steps`, or a cosine from 1 to 0 at max_iter."""
+    if solver.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(iteration, solver.max_iter) / solver.max_iter))
+    return solver.gamma ** bisect.bisect_right(solver.steps, iteration)
+
+
+def lr_at(iteration, solver, world_size):
+    """The learning rate used for `iteration` (0-based) with `world_size` ranks of `solver.ims_per_gpu` images."""
+    lr = scaled_lr(solver.base_lr, solver.base_batch, solver.ims_per_gpu * world_size)
+    return lr * decay_multiplier(iteration, solver) * warmup_multiplier(
+        iteration, solver.warmup_iters, solver.warmup_factor)
+
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model, solver):
+    """SGD parameter groups: `weight_decay` on conv/linear weights, `weight_decay_norm` on norm weights and biases."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in norm_params or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": solver.weight_decay},
+            {"params": no_decay, "weight_decay": solver.weight_decay_norm}]
+
+
+def build_optimizer(model, solver, lr):
+    """SGD with momentum over `param_groups`, starting at `lr`."""
+    return torch.optim.SGD(param_groups(model, solver), lr=lr, momentum=solver.momentum)
+
+
+def set_lr(optimizer, lr):
+    """Set the lr of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,297 @@
+"""Cross-GPU Batch Normalization (CGBN, MegDet, Peng et al. 2018, arXiv 1711.07240) over Horovod.
+
+Standalone: imports torch and horovod.torch only, so other Horovod jobs can use it on its own.
+
+    hvd.init()
+    model = convert_sync_batchnorm(model)            # every nn.BatchNorm*d -> SyncBatchNorm
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+
+In training, each SyncBatchNorm normalizes with the mean and variance of the concatenation of the batches of
+all ranks in its process set (the paper's "BN size"), weighting every element equally: a rank with 2 images
+counts twice as much as a rank with 1, and a rank with 0 images counts for nothing but still takes part in
+every collective. The result equals `nn.BatchNorm*d` applied to the concatenated batch: outputs, input
+gradients, running statistics and, summed over ranks, weight and bias gradients (weight and bias gradients
+stay local; `hvd.DistributedOptimizer` averages them like any other gradient).
+
+Collectives per layer and training iteration (Horovod allreduce, op=Sum, of one concatenated tensor each):
+  two_phase=True (the paper's algorithm, default): forward 2 ([sum x, count], then sum (x - mean)^2),
+      backward 1 ([sum dy, sum dy * (x - mean)]).
+  two_phase=False: forward 1 ([count, sum (x - s), sum (x - s)^2] in float64, s a per-channel shift equal on
+      all ranks), backward 1. One round trip fewer per layer, for an extra float64 pass over the input.
+      Prefer it when latency dominates (many ranks, small feature maps, slow network); prefer two_phase=True
+      when compute dominates (large feature maps, few ranks), or when running statistics may differ between
+      ranks (two_phase=False needs them equal, see `SyncBatchNorm`).
+Evaluation with running statistics, a world of 1, a process set of size 1 and `LOCAL` issue no collective.
+
+Contract, as for any Horovod collective: every rank of a process set runs the same SyncBatchNorm layers in the
+same order, forward and backward, including ranks whose batch is empty. Collectives are named after the
+layer's creation index, so all ranks must also construct SyncBatchNorm layers in the same order (build the
+same model the same way everywhere); stable names let Horovod's response cache skip negotiation.
+"""
+import itertools
+
+import horovod.torch as hvd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+# `process_set` value for BN groups of one rank (BN size 1): plain per-rank BatchNorm, no collectives.
+LOCAL = "local"
+
+_layer_ids = itertools.count()  # creation order -> collective names, equal on all ranks (see module docstring)
+_BATCHNORM_DIMS = ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))  # class, input dims it takes
+_BATCHNORM_BY_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+def _allreduce_sum(tensor, name, process_set):
+    # Horovod: sum per-channel statistics over the ranks of the BN group, in place; the stable name keys
+    # Horovod's response cache, so a layer's collective is negotiated once and never mixed with another's.
+    return hvd.allreduce_(tensor, op=hvd.Sum, name=name, process_set=process_set)
+
+
+def _layout(x):
+    """The dims reduced per channel of an (N, C, *) tensor, and the shape that broadcasts a (C,) vector."""
+    return [0, *range(2, x.dim())], [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode BN of a local batch with statistics of the whole process set (see the module docstring).
+
+    x: (N, C, *) of any float dtype, N may be 0. Statistics are float32 (float64 for float64 input); the
+    output has x's dtype and memory format. Updates running_mean/running_var in place when given.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, process_set, name, two_phase):
+        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        channels = x.shape[1]
+        dims, shape = _layout(x)
+        xs = x.to(stat_dtype)
+        local_count = x.numel() // channels
+
+        if two_phase:
+            stats = torch.cat([xs.sum(dims), xs.new_tensor([local_count])])
+            stats = _allreduce_sum(stats, f"{name}.sum", process_set)
+            count = stats[channels].item()
+            _check_count(count, name)
+            mean = stats[:channels] / count
+            xc = xs - mean.view(shape)
+            sqdev = _allreduce_sum((xc * xc).sum(dims), f"{name}.sqdev", process_set)
+            var = sqdev / count
+        else:
+            # One-pass moments around a shift s equal on all ranks; float64 keeps the cancellation in
+            # E[(x-s)^2] - E[x-s]^2 harmless unless |mean - s| exceeds the std by ~1e6.
+            shift = (running_mean if running_mean is not None else x.new_zeros(channels)).to(torch.float64)
+            d = x.to(torch.float64) - shift.view(shape)
+            moments = torch.cat([d.new_tensor([local_count]), d.sum(dims), (d * d).sum(dims)])
+            moments = _allreduce_sum(moments, f"{name}.moments", process_set)
+            count = moments[0].item()
+            _check_count(count, name)
+            mean_d = moments[1:channels + 1] / count
+            var = (moments[channels + 1:] / count - mean_d * mean_d).clamp_(min=0).to(stat_dtype)
+            mean = (shift + mean_d).to(stat_dtype)
+            xc = xs - mean.view(shape)
+
+        if running_mean is not None and count > 0:
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), factor)
+                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(stat_dtype)
+        shift_out = torch.zeros_like(scale) if bias is None else bias.to(stat_dtype)
+        y = torch.addcmul(shift_out.view(shape), xc, scale.view(shape))
+
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count, ctx.process_set, ctx.name = count, process_set, name
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd = ctx.saved_tensors
+        stat_dtype, channels = mean.dtype, x.shape[1]
+        dims, shape = _layout(x)
+        gy = grad_out.to(stat_dtype)
+        xc = x.to(stat_dtype) - mean.view(shape)
+        sum_dy = gy.sum(dims)
+        sum_dy_xc = (gy * xc).sum(dims)  # = sum dy * xhat / invstd
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # x-hat depends on every rank's x through mean and var: one allreduce of [sum dy, sum dy*xhat].
+            g = _allreduce_sum(torch.cat([sum_dy, sum_dy_xc]), f"{ctx.name}.grad", ctx.process_set)
+            mean_dy, mean_dy_xc = g[:channels] / ctx.count, g[channels:] / ctx.count
+            scale = invstd if weight is None else invstd * weight.to(stat_dtype)
+            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), as per-channel coefficients of dy and xc.
+            c_dy, c_xc, c_1 = scale, -scale * invstd * invstd * mean_dy_xc, -scale * mean_dy
+            # Starting from xc gives grad_x the memory format of x (channels_last stays channels_last).
+            grad_x = torch.addcmul(c_1.view(shape), xc, c_xc.view(shape))
+            grad_x = grad_x.addcmul_(gy, c_dy.view(shape)).to(x.dtype)
+
+        # Weight and bias gradients stay local: the optimizer's allreduce combines them like any gradient.
+        grad_w = (sum_dy_xc * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None  # affine: bias and weight both
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _check_count(count, name):
+    # Same global count on every rank, so every rank raises here together (no rank is left in a collective).
+    if count == 1:
+        raise ValueError(f"SyncBatchNorm {name}: expected more than 1 value per channel when training, "
+                         f"got 1 over the whole process set")
+
+
+class SyncBatchNorm(_BatchNorm):
+    """BatchNorm over the concatenated batches of a Horovod process set, for (N, C), (N, C, L), (N, C, H, W)
+    and (N, C, D, H, W) inputs, N may differ between ranks and may be 0.
+
+    Arguments are those of `nn.BatchNorm2d`, plus:
+      process_set: None for all ranks (hvd.global_process_set), a registered `hvd.ProcessSet` (see
+        `bn_group`), or `LOCAL` for per-rank BN. Without `hvd.init()`, None means a world of 1.
+      two_phase: True for the paper's two forward allreduces (mean, then variance); False for one allreduce of
+        float64 moments around a per-channel shift: the running mean when tracking running statistics (equal
+        on all ranks when they start equal, e.g. after `hvd.broadcast_parameters(model.state_dict())`), else
+        zero. Results agree within float tolerance.
+
+    Semantics follow `nn.BatchNorm*d`: training (or track_running_stats=False, in any mode) uses batch
+    statistics of the whole process set, synchronized; eval with running statistics is local, no collective.
+    momentum=None is a cumulative moving average over `num_batches_tracked`; running_var is updated with the
+    unbiased variance (count - 1) of the global batch. A global batch of 0 elements returns empty outputs and
+    leaves the running statistics unchanged, as torch does; 1 element per channel raises ValueError, as torch
+    does. float16/bfloat16 inputs use float32 statistics and parameters, and the output keeps the input dtype
+    and memory format (channels_last stays channels_last).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_set=None, two_phase=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        if not (process_set is None or process_set == LOCAL or isinstance(process_set, hvd.ProcessSet)):
+            raise ValueError(f"SyncBatchNorm: process_set must be None, LOCAL or a hvd.ProcessSet, "
+                             f"got {process_set!r}")
+        self.process_set = process_set
+        self.two_phase = two_phase
+        self.input_dim = None  # dimensionality of the last input (or of the converted layer), for revert
+        self._name = f"sync_bn.{next(_layer_ids)}"
+
+    def _check_input_dim(self, input):
+        if not 2 <= input.dim() <= 5:
+            raise ValueError(f"SyncBatchNorm: expected 2D to 5D input (N, C, ...), got {input.dim()}D")
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels, got input of shape "
+                             f"{tuple(input.shape)}")
+
+    def _group_size(self):
+        if self.process_set == LOCAL:
+            return 1
+        if self.process_set is None:
+            return hvd.size() if hvd.is_initialized() else 1
+        size = self.process_set.size()
+        if size is None:
+            raise ValueError(f"SyncBatchNorm: process set {self.process_set} is not registered with Horovod "
+                             f"(pass it to hvd.init(process_sets=...) or hvd.add_process_set)")
+        return size
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        self.input_dim = input.dim()
+        # Momentum and num_batches_tracked exactly as in torch's _BatchNorm.forward.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+
+        if not use_batch_stats or self._group_size() == 1:
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+                                factor, self.eps)
+        process_set = hvd.global_process_set if self.process_set is None else self.process_set
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, factor,
+                                            self.eps, process_set, self._name, self.two_phase)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, two_phase={self.two_phase}"
+
+
+def _swap(module, new):
+    """Give `new` the parameters (same objects, so requires_grad and optimizer references carry over),
+    buffers and training flag of the batch-norm layer `module`."""
+    if module.affine:
+        new.weight, new.bias = module.weight, module.bias
+    new.running_mean, new.running_var = module.running_mean, module.running_var
+    new.num_batches_tracked = module.num_batches_tracked
+    new.train(module.training)
+    return new
+
+
+def convert_sync_batchnorm(module, process_set=None, two_phase=True):
+    """Return `module` with every nn.BatchNorm1d/2d/3d replaced by a SyncBatchNorm sharing its parameters and
+    buffers (FrozenBatchNorm2d and other norms are left alone). Call it on every rank in the same order (it
+    assigns the collective names). A bare batch-norm module is returned converted."""
+    input_dim = next((dim for cls, dim in _BATCHNORM_DIMS if isinstance(module, cls)), None)
+    if input_dim is not None:
+        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_set=process_set, two_phase=two_phase)
+        new.input_dim = input_dim
+        return _swap(module, new)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_set, two_phase))
+    return module
+
+
+def revert_sync_batchnorm(module):
+    """Return `module` with every SyncBatchNorm replaced by the plain nn.BatchNorm1d/2d/3d matching the input
+    dimensionality it last saw (or the layer it was converted from), sharing parameters and buffers; for
+    single-process inference and export. Raises ValueError for a layer that was never run nor converted."""
+    if isinstance(module, SyncBatchNorm):
+        if module.input_dim is None:
+            raise ValueError(f"revert_sync_batchnorm: {module._name} has seen no input, so its BatchNorm1d/2d/3d "
+                             f"class is unknown; run it once or build it with convert_sync_batchnorm")
+        cls = _BATCHNORM_BY_DIM[module.input_dim]
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        return _swap(module, new)
+    for name, child in module.named_children():
+        module.add_module(name, revert_sync_batchnorm(child))
+    return module
+
+
+def bn_process_sets(k, world_size):
+    """The Horovod process sets for BN groups of `k` consecutive ranks: [[0..k-1], [k..2k-1], ...] as
+    unregistered `hvd.ProcessSet`s, or [] when k is 1 or world_size (no set to register: see `bn_group`).
+
+    Static registration, before hvd.init (under horovodrun, world_size = int(os.environ["HOROVOD_SIZE"])):
+        sets = bn_process_sets(k, world_size); hvd.init(process_sets=sets); group = bn_group(k, sets)
+    Raises ValueError unless 1 <= k <= world_size and world_size % k == 0.
+    """
+    if not (isinstance(k, int) and 1 <= k <= world_size and world_size % k == 0):
+        raise ValueError(f"BN group size k={k!r} must divide the world size {world_size} "
+                         f"(groups of k consecutive ranks)")
+    if k in (1, world_size):
+        return []
+    return [hvd.ProcessSet(list(range(start, start + k))) for start in range(0, world_size, k)]
+
+
+def bn_group(k, process_sets=None):
+    """The `process_set` argument giving this rank BN over its group of k consecutive ranks (the paper's BN
+    size); call after hvd.init() on every rank. Returns LOCAL for k == 1 (no collectives), None for
+    k == hvd.size() (the global set), else this rank's `hvd.ProcessSet`:
+      - static: `process_sets` is the list from `bn_process_sets(k, world_size)` already passed to
+        `hvd.init(process_sets=...)`;
+      - dynamic: `process_sets=None` registers every group with `hvd.add_process_set` (all ranks register all
+        groups, in the same order, so call this once per job); needs `hvd.init(process_sets="dynamic")` or
+        HOROVOD_DYNAMIC_PROCESS_SETS=1.
+    Raises ValueError when hvd.size() is not a multiple of k, or `process_sets` does not match k.
+    """
+    wanted = bn_process_sets(k, hvd.size())
+    if k == 1:
+        return LOCAL
+    if k == hvd.size():
+        return None
+    if process_sets is None:
+        process_sets = [hvd.add_process_set(ps) for ps in wanted]
+    elif [ps.ranks for ps in process_sets] != [ps.ranks for ps in wanted]:
+        raise ValueError(f"bn_group: process_sets {[ps.ranks for ps in process_sets]} are not the BN groups of "
+                         f"k={k} (expected {[ps.ranks for ps in wanted]})")
+    return process_sets[hvd.rank() // k]

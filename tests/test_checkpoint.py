@@ -1,0 +1,80 @@
+"""Checkpoints: atomic writes, safe loads, newest loadable one found."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hvd_megdet import checkpoint
+from hvd_megdet.checkpoint import CheckpointError
+
+
+def state(i):
+    return {"model": {"w": torch.full((3,), float(i))}, "iteration": i}
+
+
+def test_save_and_load_round_trip(tmp_path):
+    path = checkpoint.path_for(tmp_path, 12)
+    checkpoint.save(state(12), path)
+    assert path.name == "model_0000012.pth"
+    loaded = checkpoint.load(path)
+    assert loaded["iteration"] == 12 and torch.equal(loaded["model"]["w"], torch.full((3,), 12.0))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_latest_skips_truncated_newest(tmp_path):
+    checkpoint.save(state(10), checkpoint.path_for(tmp_path, 10))
+    checkpoint.save(state(20), checkpoint.path_for(tmp_path, 20))
+    newest = checkpoint.path_for(tmp_path, 20)
+    newest.write_bytes(newest.read_bytes()[:100])
+    warnings = []
+    path, loaded = checkpoint.latest(tmp_path, warnings.append)
+    assert path == checkpoint.path_for(tmp_path, 10) and loaded["iteration"] == 10
+    assert "model_0000020.pth" in warnings[0]
+
+
+def test_latest_with_nothing(tmp_path):
+    assert checkpoint.latest(tmp_path) == (None, None)
+
+
+def test_missing_and_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing.pth: no such file"):
+        checkpoint.load(tmp_path / "nothing.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, bad)
+    with pytest.raises(CheckpointError, match="evil.pth: cannot load: refused"):
+        checkpoint.load(bad)
+
+
+WRITER = """
+import sys, torch
+from hvd_megdet import checkpoint
+out = sys.argv[1]
+i = 0
+while True:
+    i += 1
+    checkpoint.save({"model": {"w": torch.full((2_000_000,), float(i))}, "iteration": i},
+                    checkpoint.path_for(out, 1))
+"""
+
+
+def test_killed_writer_leaves_a_loadable_checkpoint(tmp_path):
+    """Kill a process repeatedly while it overwrites a checkpoint: the file always loads, whole."""
+    checkpoint.save({"model": {"w": torch.zeros(2_000_000)}, "iteration": 0}, checkpoint.path_for(tmp_path, 1))
+    for trial in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+        time.sleep(1.0 + 0.37 * trial)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        loaded = checkpoint.load(checkpoint.path_for(tmp_path, 1))
+        w = loaded["model"]["w"]
+        assert w.numel() == 2_000_000 and bool((w == w[0]).all())
+        assert float(w[0]) == loaded["iteration"]

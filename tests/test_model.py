@@ -1,0 +1,199 @@
+import importlib.util
+import random
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from hvd_megdet.model import BACKBONES, build_model, load_weights
+
+LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+TINY = dict(backbone="resnet_tiny", anchor_sizes=(16, 32, 64, 128, 256))
+HAS_SYNC_BN = importlib.util.find_spec("horovod") is not None and \
+    importlib.util.find_spec("hvd_megdet.sync_bn") is not None
+
+
+def _batch():
+    """Two images of different sizes (already 'resized' by the data pipeline) and their targets."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 192, 160, generator=g), torch.rand(3, 128, 192, generator=g)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 80.0, 90.0], [90.0, 100.0, 150.0, 180.0]]),
+         "labels": torch.tensor([1, 3])},
+        {"boxes": torch.tensor([[5.0, 5.0, 60.0, 40.0]]), "labels": torch.tensor([2])},
+    ]
+    return images, targets
+
+
+def _norm_types(module):
+    return {type(m) for m in module.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d))}
+
+
+def _build(norm, **kwargs):
+    if norm == "cgbn" and not HAS_SYNC_BN:
+        pytest.skip("hvd_megdet.sync_bn / horovod not importable")
+    # Without hvd.init(), sync_bn's SyncBatchNorm is a world of 1: plain BatchNorm maths, no collective.
+    return build_model(4, norm=norm, **kwargs)
+
+
+# CGBN conversion does not depend on the backbone: checked on two.
+@pytest.mark.parametrize("backbone, norm", [(b, n) for b in sorted(BACKBONES) for n in ("frozen", "bn")]
+                         + [("resnet_tiny", "cgbn"), ("resnet50", "cgbn")])
+def test_norm_layers_of_backbone_fpn_and_head(backbone, norm):
+    model = _build(norm, backbone=backbone)
+    body, fpn, head = model.backbone.body, model.backbone.fpn, model.roi_heads.box_head
+    if norm == "frozen":
+        assert _norm_types(body) == {FrozenBatchNorm2d}
+        assert _norm_types(fpn) == set() and _norm_types(head) == set()
+    else:
+        expected = nn.BatchNorm2d
+        if norm == "cgbn":
+            from hvd_megdet import sync_bn
+
+            expected = sync_bn.SyncBatchNorm
+        for part in (body, fpn, head):
+            assert _norm_types(part) == {expected}, part.__class__.__name__
+    # Random init: nothing frozen by default; the predictor sized for the 4 classes.
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+
+
+def test_bad_names_are_rejected():
+    with pytest.raises(ValueError, match="'resnet152'.*resnet_tiny"):
+        build_model(3, backbone="resnet152")
+    with pytest.raises(ValueError, match="'gn'.*cgbn"):
+        build_model(3, norm="gn")
+    with pytest.raises(ValueError, match="min_size"):
+        build_model(3, min_size=800, **TINY)
+
+
+@pytest.mark.parametrize("norm", ["frozen", "bn", "cgbn"])
+def test_train_step_gives_finite_losses_and_gradients(norm):
+    torch.manual_seed(0)
+    model = _build(norm, **TINY)
+    images, targets = _batch()
+    losses = model(images, targets)
+    assert set(losses) == LOSS_KEYS
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.backbone.body.conv1.weight.grad.abs().sum() > 0
+
+
+def test_frozen_stages_keep_weights_and_bn_statistics():
+    torch.manual_seed(0)
+    model = build_model(4, norm="bn", trainable_backbone_layers=3, **TINY)
+    body = model.backbone.body
+    for frozen in (body.bn1, body.layer1[0].bn1, body.layer1[0].bn2):
+        assert isinstance(frozen, FrozenBatchNorm2d)
+    assert not any(p.requires_grad for p in body.conv1.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    # Make frozen statistics non-trivial so an update would show.
+    body.layer1[0].bn1.running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    images, targets = _batch()
+    sum(model(images, targets).values()).backward()
+    after = body.state_dict()
+    for k in before:
+        if k.startswith(("conv1.", "bn1.", "layer1.")):
+            assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["layer2.0.bn1.running_mean"], after["layer2.0.bn1.running_mean"])
+    assert body.layer1[0].conv1.weight.grad is None
+
+
+def test_default_trainable_layers_depend_on_norm_and_weights(tmp_path):
+    assert build_model(4, norm="frozen", **TINY).backbone.body.conv1.weight.requires_grad
+    for norm in ("frozen", "bn"):
+        path = tmp_path / f"{norm}.pth"
+        torch.save(build_model(4, norm=norm, **TINY).state_dict(), path)
+        body = build_model(4, norm=norm, weights=path, **TINY).backbone.body
+        assert body.layer2[0].conv1.weight.requires_grad
+        assert body.layer1[0].conv1.weight.requires_grad == (norm == "bn")
+
+
+def test_transform_normalizes_and_pads_without_resizing():
+    model = build_model(4, **TINY)
+    images, _ = _batch()
+    batch, _ = model.transform(images)
+    assert batch.image_sizes == [(192, 160), (128, 192)]
+    assert batch.tensors.shape == (2, 3, 192, 192)  # padded to a multiple of 32
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(batch.tensors[1, :, :128, :192], (images[1] - mean) / std)
+    assert (batch.tensors[1, :, 128:] == 0).all()
+
+
+def test_eval_boxes_lie_inside_each_input_image():
+    torch.manual_seed(0)
+    model = build_model(4, box_score_thresh=0.0, **TINY).eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        outputs = model(images)
+    for image, out in zip(images, outputs):
+        h, w = image.shape[-2:]
+        assert len(out["boxes"]) > 0
+        assert (out["boxes"] >= 0).all()
+        assert (out["boxes"][:, 0::2] <= w).all() and (out["boxes"][:, 1::2] <= h).all()
+        assert ((out["labels"] >= 1) & (out["labels"] <= 3)).all()
+
+
+@pytest.mark.parametrize("trained_norm", ["bn", "cgbn"])  # evaluate.py loads CGBN checkpoints as "bn"
+def test_checkpoint_round_trip(tmp_path, trained_norm):
+    torch.manual_seed(0)
+    source = _build(trained_norm, **TINY)
+    images, targets = _batch()
+    source(images, targets)  # move BN running statistics away from their initial values
+    path = tmp_path / "model_0000010.pth"
+    torch.save({"model": source.state_dict(), "iteration": 10, "config": {"seed": 1},
+                "rng": [{"torch": torch.get_rng_state(), "python": random.getstate()}]}, path)
+    torch.manual_seed(1)
+    loaded = build_model(4, norm="bn", weights=path, **TINY)
+    expected = source.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_imagenet_resnet_state_dict_loads_into_backbone(tmp_path):
+    from torchvision.models import resnet18
+
+    imagenet = resnet18(weights=None)
+    imagenet.bn1.running_mean.uniform_()
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(imagenet.state_dict(), path)
+    for norm in ("frozen", "bn"):  # FrozenBatchNorm2d has no num_batches_tracked; BatchNorm2d has
+        model = build_model(4, backbone="resnet18", norm=norm, weights=path)
+        body = model.backbone.body
+        assert torch.equal(body.conv1.weight, imagenet.conv1.weight)
+        assert torch.equal(body.bn1.running_mean, imagenet.bn1.running_mean)
+        assert torch.equal(body.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+
+
+def test_mismatched_weights_name_file_and_keys(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(build_model(4, **TINY).state_dict(), path)
+    with pytest.raises(ValueError, match=r"tiny\.pth.*cls_score\.weight \(4, 256\) vs \(6, 256\)"):
+        build_model(6, weights=path, **TINY)
+    other_backbone = r"tiny\.pth.*missing.*layer1\.1\.conv1.*shape.*conv1\.weight \(16, 3, 7, 7\) vs \(64, 3, 7, 7\)"
+    with pytest.raises(ValueError, match=other_backbone):
+        build_model(4, backbone="resnet18", weights=path)
+    not_resnet = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, not_resnet)
+    with pytest.raises(ValueError, match=r"other\.pth.*ImageNet.*missing.*conv1\.weight.*unexpected.*encoder"):
+        build_model(4, weights=not_resnet, **TINY)
+
+
+class NotWeights:
+    """A custom object: torch.load(weights_only=True) must refuse to unpickle it."""
+
+
+def test_unsafe_or_missing_files_are_refused(tmp_path):
+    model = build_model(4, **TINY)
+    path = tmp_path / "evil.pth"
+    torch.save({"model": model.state_dict(), "extra": NotWeights()}, path)
+    with pytest.raises(ValueError, match=r"evil\.pth.*weights_only"):
+        load_weights(model, path)
+    with pytest.raises(FileNotFoundError, match=r"absent\.pth"):
+        load_weights(model, tmp_path / "absent.pth")
