@@ -30,5 +30,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not multirank"
 
+# Lint the Dockerfiles (hadolint), then build the CPU image with rootful podman and train in it: minutes, so
+# not part of `make test`, which runs the lint but not the build. Set-up and figures: docker/README.md.
+docker-test: install
+	$(PY) -m pytest -q tests/test_docker.py
+	scripts/docker_test.sh
+
 clean:
 	rm -rf .venv output data .pytest_cache
