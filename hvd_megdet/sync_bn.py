@@ -29,6 +29,7 @@ layer's creation index, so all ranks must also construct SyncBatchNorm layers in
 same model the same way everywhere); stable names let Horovod's response cache skip negotiation.
 """
 import itertools
+import time
 
 import horovod.torch as hvd
 import torch
@@ -38,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 # `process_set` value for BN groups of one rank (BN size 1): plain per-rank BatchNorm, no collectives.
 LOCAL = "local"
+_POLL_SECONDS = 20e-6
 
 _layer_ids = itertools.count()  # creation order -> collective names, equal on all ranks (see module docstring)
 _BATCHNORM_DIMS = ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))  # class, input dims it takes
@@ -47,7 +49,13 @@ _BATCHNORM_BY_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5:
 def _allreduce_sum(tensor, name, process_set):
     # Horovod: sum per-channel statistics over the ranks of the BN group, in place; the stable name keys
     # Horovod's response cache, so a layer's collective is negotiated once and never mixed with another's.
-    return hvd.allreduce_(tensor, op=hvd.Sum, name=name, process_set=process_set)
+    handle = hvd.allreduce_async_(tensor, op=hvd.Sum, name=name, process_set=process_set)
+    # hvd.synchronize() busy-waits (sched_yield) for Horovod's background thread; where ranks share CPU cores
+    # that spinning takes the core the background thread needs. Sleeping between polls costs at most
+    # ~_POLL_SECONDS of latency and measured several times faster per small allreduce at 2 ranks on 2 cores.
+    while _POLL_SECONDS and not hvd.poll(handle):  # _POLL_SECONDS = 0: Horovod's own spinning wait
+        time.sleep(_POLL_SECONDS)
+    return hvd.synchronize(handle)
 
 
 def _layout(x):
@@ -67,51 +75,45 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         channels = x.shape[1]
         dims, shape = _layout(x)
-        xs = x.to(stat_dtype)
         local_count = x.numel() // channels
 
         if two_phase:
+            xs = x.to(stat_dtype)
             stats = torch.cat([xs.sum(dims), xs.new_tensor([local_count])])
             stats = _allreduce_sum(stats, f"{name}.sum", process_set)
-            count = stats[channels].item()
-            _check_count(count, name)
-            mean = stats[:channels] / count
+            count = _global_count(stats[channels], name)
+            mean = stats[:channels] / max(count, 1)
             xc = xs - mean.view(shape)
-            sqdev = _allreduce_sum((xc * xc).sum(dims), f"{name}.sqdev", process_set)
-            var = sqdev / count
+            var = _allreduce_sum((xc * xc).sum(dims), f"{name}.sqdev", process_set) / max(count, 1)
         else:
-            # One-pass moments around a shift s equal on all ranks; float64 keeps the cancellation in
-            # E[(x-s)^2] - E[x-s]^2 harmless unless |mean - s| exceeds the std by ~1e6.
+            # One-pass moments around a shift s equal on all ranks, in float64 (x - s promotes to it): the
+            # cancellation in E[(x-s)^2] - E[x-s]^2 is then harmless unless |mean - s| exceeds the std by ~1e6.
             shift = (running_mean if running_mean is not None else x.new_zeros(channels)).to(torch.float64)
-            d = x.to(torch.float64) - shift.view(shape)
+            d = x - shift.view(shape)
             moments = torch.cat([d.new_tensor([local_count]), d.sum(dims), (d * d).sum(dims)])
             moments = _allreduce_sum(moments, f"{name}.moments", process_set)
-            count = moments[0].item()
-            _check_count(count, name)
-            mean_d = moments[1:channels + 1] / count
-            var = (moments[channels + 1:] / count - mean_d * mean_d).clamp_(min=0).to(stat_dtype)
+            count = _global_count(moments[0], name)
+            mean_d = moments[1:channels + 1] / max(count, 1)
+            var = (moments[channels + 1:] / max(count, 1) - mean_d * mean_d).clamp_(min=0).to(stat_dtype)
             mean = (shift + mean_d).to(stat_dtype)
-            xc = xs - mean.view(shape)
 
         if running_mean is not None and count > 0:
             with torch.no_grad():
                 running_mean.lerp_(mean.to(running_mean.dtype), factor)
                 running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
 
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(stat_dtype)
-        shift_out = torch.zeros_like(scale) if bias is None else bias.to(stat_dtype)
-        y = torch.addcmul(shift_out.view(shape), xc, scale.view(shape))
-
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count, ctx.process_set, ctx.name = count, process_set, name
-        return y.to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.count, ctx.eps, ctx.process_set, ctx.name = max(count, 1), eps, process_set, name
+        # Normalizing with the global statistics is BN in eval mode: torch's fused kernel, which keeps x's
+        # dtype and memory format and takes float32 statistics and parameters for float16/bfloat16 x.
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
         stat_dtype, channels = mean.dtype, x.shape[1]
         dims, shape = _layout(x)
+        invstd = torch.rsqrt(var + ctx.eps)
         gy = grad_out.to(stat_dtype)
         xc = x.to(stat_dtype) - mean.view(shape)
         sum_dy = gy.sum(dims)
@@ -123,11 +125,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             g = _allreduce_sum(torch.cat([sum_dy, sum_dy_xc]), f"{ctx.name}.grad", ctx.process_set)
             mean_dy, mean_dy_xc = g[:channels] / ctx.count, g[channels:] / ctx.count
             scale = invstd if weight is None else invstd * weight.to(stat_dtype)
-            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), as per-channel coefficients of dy and xc.
-            c_dy, c_xc, c_1 = scale, -scale * invstd * invstd * mean_dy_xc, -scale * mean_dy
-            # Starting from xc gives grad_x the memory format of x (channels_last stays channels_last).
-            grad_x = torch.addcmul(c_1.view(shape), xc, c_xc.view(shape))
-            grad_x = grad_x.addcmul_(gy, c_dy.view(shape)).to(x.dtype)
+            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), as per-channel coefficients of xc and dy;
+            # starting from xc gives grad_x the memory format of x.
+            c_xc, c_1 = -scale * invstd * invstd * mean_dy_xc, -scale * mean_dy
+            grad_x = xc.mul_(c_xc.view(shape)).add_(c_1.view(shape)).add_(gy * scale.view(shape)).to(x.dtype)
 
         # Weight and bias gradients stay local: the optimizer's allreduce combines them like any gradient.
         grad_w = (sum_dy_xc * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
@@ -135,11 +136,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def _check_count(count, name):
-    # Same global count on every rank, so every rank raises here together (no rank is left in a collective).
+def _global_count(count, name):
+    """The allreduced element count per channel as a Python number. It travels with the statistics, in float32
+    for all but float64 inputs: exact up to 2**24, then rounded by at most 6e-8 relative, below float32's own
+    precision. 0 (every batch empty) is allowed: statistics are then divided by 1 instead of 0, so outputs
+    and gradients are empty or zero, as in torch."""
+    count = count.item()
+    # Same count on every rank, so every rank raises here together (no rank is left in a collective).
     if count == 1:
         raise ValueError(f"SyncBatchNorm {name}: expected more than 1 value per channel when training, "
                          f"got 1 over the whole process set")
+    return count
 
 
 class SyncBatchNorm(_BatchNorm):
