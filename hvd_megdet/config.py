@@ -126,8 +126,9 @@ def _check_type(value, tp, key, where):
     return value
 
 
-def _merge(node, data, prefix, where):
-    """Overwrite fields of dataclass `node` from nested dict `data`, strictly."""
+def merge(node, data, prefix, where):
+    """Overwrite fields of dataclass `node` from nested dict `data`; an unknown key or a wrong type raises
+    ConfigError naming `where` and the dotted key (prefix + name)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(type(node))
@@ -136,7 +137,7 @@ def _merge(node, data, prefix, where):
         if name not in hints:
             raise ConfigError(f"{where}: unknown key {key}")
         if dataclasses.is_dataclass(hints[name]):
-            _merge(getattr(node, name), value, key + ".", where)
+            merge(getattr(node, name), value, key + ".", where)
         else:
             setattr(node, name, _check_type(value, hints[name], key, where))
 
@@ -225,8 +226,8 @@ def load_config(path=None, overrides=()):
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config file {path}: invalid YAML{at}") from None
-        _merge(cfg, data or {}, "", f"config file {path}")
-    _merge(cfg, parse_overrides(overrides), "", "override")
+        merge(cfg, data or {}, "", f"config file {path}")
+    merge(cfg, parse_overrides(overrides), "", "override")
     validate(cfg, f"config {path}" if path else "config")
     return cfg
 

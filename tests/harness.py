@@ -10,7 +10,6 @@ test fails naming them. `python -m tests.harness RUNDIR` is the rank-side entry 
 """
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,8 +17,9 @@ import traceback
 from pathlib import Path
 
 import cloudpickle
-import psutil
 import pytest
+
+from hvd_megdet.process import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 HOROVODRUN = Path(sys.executable).with_name("horovodrun")
@@ -31,21 +31,6 @@ class RanksTimedOut(Exception):
     def __init__(self, timeout, output):
         super().__init__(f"ranks still running after {timeout}s were killed; output:\n{output[-4000:]}")
         self.output = output
-
-
-def _kill_tree(pid):
-    """SIGKILL a process and every descendant (horovodrun starts ranks in their own sessions)."""
-    try:
-        parent = psutil.Process(pid)
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def horovodrun(np, argv, timeout, env=None, cwd=None):
@@ -63,7 +48,7 @@ def horovodrun(np, argv, timeout, env=None, cwd=None):
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         out, _ = proc.communicate()
         raise RanksTimedOut(timeout, out) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out)

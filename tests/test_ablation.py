@@ -1,0 +1,250 @@
+"""The ablation runner: grid expansion, resume, divergence detection, the table, and a tiny real grid."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hvd_megdet.config import ConfigError
+from hvd_megdet.experiments import ablation
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = str(REPO / "configs" / "demo_shapes.yaml")
+
+
+def write_grid(tmp_path, **fields):
+    grid = {"base": BASE, "epochs": 2, "ims_per_gpu": 2, "warmup_epochs": 0.5, "steps_epochs": [1.5],
+            "train_images": 48, "axes": {"batch": [2, 4, 8], "norm": ["frozen", "bn", "cgbn"],
+                                         "warmup": [True, False], "bn_group_size": [0, 2, 3]}}
+    grid.update(fields)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def expand_file(path):
+    return ablation.expand(ablation.load_grid(path))
+
+
+def test_expansion_merges_duplicates_and_skips_invalid_bn_groups(tmp_path):
+    runs, notes = expand_file(write_grid(tmp_path))
+    names = [r.name for r in runs]
+    # batch 2 = 1 rank: CGBN over one rank is per-rank BN (merged with bn); group 2 or 3 does not divide 1.
+    # batch 4 = 2 ranks: group 0 (all) and 2 are the same run; 3 does not divide 2.
+    # batch 8 = 4 ranks: groups of 4 and 2; 3 does not divide 4.
+    expected = []
+    for batch, cgbn in ((2, []), (4, [4]), (8, [8, 4])):
+        for warmup in ("_warmup", "_nowarmup"):
+            expected += [f"b{batch}_frozen{warmup}", f"b{batch}_bn2{warmup}"]
+            expected += [f"b{batch}_cgbn{size}{warmup}" for size in cgbn]
+    assert sorted(names) == sorted(expected) and len(names) == len(set(names))
+    assert sum("does not divide" in n for n in notes) == 8  # (b2: 2, 3; b4: 3; b8: 3) x warmup on / off
+
+    by_name = {r.name: r for r in runs}
+    r = by_name["b8_cgbn4_warmup"]
+    # 48 images / batch 8 = 6 iterations per epoch; 2 epochs; warmup 0.5 epoch; lr 0.02 x 8 / 16.
+    assert (r.ranks, r.bn_group_size, r.bn_images, r.iters_per_epoch, r.max_iter, r.warmup_iters) == (4, 2, 4, 6, 12, 3)
+    assert r.lr == pytest.approx(0.01)
+    assert {"model.norm=cgbn", "model.bn_group_size=2", "solver.max_iter=12", "solver.steps=[9]",
+            "solver.warmup_iters=3", "eval_period=6", "solver.ims_per_gpu=2"} <= set(r.overrides)
+    r = by_name["b2_bn2_nowarmup"]
+    assert (r.ranks, r.norm, r.bn_images, r.iters_per_epoch, r.max_iter, r.warmup_iters) == (1, "bn", 2, 24, 48, 0)
+    assert r.lr == pytest.approx(0.0025)
+    assert by_name["b4_frozen_warmup"].bn_images == 0
+
+
+def test_commands_use_the_launcher_for_several_ranks_only(tmp_path):
+    grid = ablation.load_grid(write_grid(tmp_path, launcher=["mpirun", "-n", "{np}"]))
+    runs, _ = ablation.expand(grid)
+    by_name = {r.name: r for r in runs}
+    one = ablation.command(by_name["b2_bn2_warmup"], tmp_path / "a", grid)
+    four = ablation.command(by_name["b8_cgbn8_warmup"], tmp_path / "b", grid)
+    assert one[1:4] == ["-m", "hvd_megdet.train", "--config"] and one[-1] == f"output_dir={tmp_path / 'a'}"
+    assert four[:3] == ["mpirun", "-n", "4"] and four[3:] == ablation.command(by_name["b8_cgbn8_warmup"],
+                                                                             tmp_path / "b", grid)[3:]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"epoch": 3}, "unknown key epoch"),
+    ({"axes": {"batch": [2], "norms": ["bn"]}}, "unknown key axes[0].norms"),
+    ({"axes": {"batch": [3]}}, "batch 3 is not a positive multiple of ims_per_gpu 2"),
+    ({"axes": {"batch": [2], "norm": ["gn"]}}, "norm must be among"),
+    ({"overrides": {"solver.max_iter": 5}}, "overrides.solver.max_iter is set by the grid"),
+    ({"launcher": ["horovodrun", "-np", "4"]}, "launcher must contain"),
+])
+def test_bad_grid_files_name_the_key(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ablation.load_grid(write_grid(tmp_path, **fields))
+
+
+def test_bad_trainer_override_names_the_run(tmp_path):
+    grid = ablation.load_grid(write_grid(tmp_path, overrides={"solver.base_lrr": 0.1}))
+    with pytest.raises(ConfigError, match="unknown key solver.base_lrr"):
+        ablation.expand(grid)
+    grid = ablation.load_grid(write_grid(tmp_path, warmup_epochs=3))  # warmup longer than the 2 epochs
+    with pytest.raises(ConfigError, match=r"run b2_frozen_warmup: .*warmup_iters"):
+        ablation.expand(grid)
+
+
+def test_paper_grid_expands_to_the_paper_setting():
+    grid = ablation.load_grid(REPO / "configs" / "ablation" / "coco_paper.yaml")
+    grid.train_images = 117266  # not counted here: the COCO annotations are not on this machine
+    runs, _ = ablation.expand(grid)
+    assert {r.batch for r in runs} == {16, 32, 64, 128, 256}
+    for r in runs:
+        assert r.ranks * 2 == r.batch and r.lr == pytest.approx(0.02 * r.batch / 16)
+        assert "--config" in ablation.command(r, Path("x"), grid)
+
+
+def test_divergence_detection():
+    falling = [2.0 - 1.5 * i / 99 for i in range(100)]
+    assert ablation.divergence(falling, skipped=0) is None
+    spike = falling[:50] + [40.0] + falling[51:]
+    assert "exploded: 40 at iteration 51" in ablation.divergence(spike, skipped=0)
+    assert ablation.divergence(spike, skipped=0, explode_factor=100) is None
+    rising = [1.0 + 0.01 * i for i in range(100)]
+    assert "did not decrease" in ablation.divergence(rising, skipped=0)
+    with_nan = falling[:10] + [math.nan] + falling[11:]
+    assert "1 non-finite steps skipped" in ablation.divergence(with_nan, skipped=1)
+    assert ablation.divergence(with_nan, skipped=1, max_skipped=1) is None
+    assert ablation.divergence([math.nan, math.inf], skipped=2, max_skipped=5) == "no finite loss"
+
+
+def fake_result(name, batch, norm, bn_images, status, ap, reason=None, warmup=True):
+    return {"name": name, "batch": batch, "norm": norm, "bn_images": bn_images, "lr": 0.02 * batch / 16,
+            "warmup": warmup, "warmup_iters": 100 if warmup else 0, "AP": ap, "AP50": None if ap is None else ap + 20,
+            "final_loss": None if ap is None else 0.5, "train_time_s": 5400.0, "status": status, "reason": reason}
+
+
+def test_table_has_the_papers_columns():
+    results = [fake_result("a", 16, "frozen", 0, "converged", 33.84),
+               fake_result("b", 256, "cgbn", 256, "converged", 37.66),
+               fake_result("c", 128, "frozen", 0, "diverged", None, reason="loss exploded | at 3"),
+               fake_result("d", 64, "bn", 2, "failed", None, reason="exit status 1", warmup=False)]
+    lines = ablation.table(results).splitlines()
+    assert lines[0] == "| batch | BN | BN size | lr | warmup | AP | AP50 | loss | time | converged |"
+    assert len(lines) == 2 + len(results)
+    assert lines[2] == "| 16 | frozen | - | 0.02 | 100 it | 33.8 | 53.8 | 0.5 | 1.50 h | yes |"
+    assert lines[3] == "| 256 | CGBN | 256 | 0.32 | 100 it | 37.7 | 57.7 | 0.5 | 1.50 h | yes |"
+    assert lines[4] == "| 128 | frozen | - | 0.16 | 100 it | - | - | - | 1.50 h | no: loss exploded / at 3 |"
+    assert lines[5] == "| 64 | BN | 2 | 0.08 | no | - | - | - | 1.50 h | failed: exit status 1 |"
+
+
+class FakeTrainer:
+    """Stands in for `execute`: writes what the trainer would (falling loss, one eval per epoch)."""
+
+    def __init__(self, fail=()):
+        self.calls, self.fail = [], set(fail)
+
+    def __call__(self, cmd, log_path, timeout):
+        out = Path(cmd[-1].split("=", 1)[1])
+        args = dict(a.split("=", 1) for a in cmd if "=" in a)
+        max_iter, ipe = int(args["solver.max_iter"]), int(args["eval_period"])
+        self.calls.append(out.name)
+        if out.name in self.fail:
+            log_path.write_text("Traceback\nRuntimeError: boom\n")
+            return 1
+        with open(out / "metrics.jsonl", "w") as f:
+            for i in range(1, max_iter + 1):
+                f.write(json.dumps({"iteration": i, "epoch": i / ipe, "lr": 0.01, "loss": 2.0 - i / max_iter,
+                                    "skipped": 0, "time": 0.5}) + "\n")
+        (out / "eval").mkdir()
+        for it in range(ipe, max_iter + 1, ipe):
+            (out / "eval" / f"metrics_{it:07d}.json").write_text(json.dumps(
+                {"iteration": it, "bbox": {"AP": it / max_iter * 10, "AP50": it / max_iter * 20}}))
+        log_path.write_text("done\n")
+        return 0
+
+
+def test_resume_runs_only_what_is_not_done(tmp_path):
+    grid_path = write_grid(tmp_path, axes={"batch": [2, 4], "norm": ["frozen", "cgbn"]})
+    grid = ablation.load_grid(grid_path)
+    runs, _ = ablation.expand(grid)
+    names = [r.name for r in runs]
+    assert names == ["b2_frozen_warmup", "b2_bn2_warmup", "b4_frozen_warmup", "b4_cgbn4_warmup"]
+    out = tmp_path / "out"
+
+    first = FakeTrainer(fail={"b4_frozen_warmup"})
+    results = ablation.run_grid(runs[:3], grid, out, grid_path, execute=first, log=lambda *a: None)
+    assert first.calls == names[:3]
+    assert [r["status"] for r in results] == ["converged", "converged", "failed"]
+    assert "RuntimeError: boom" in results[2]["log_tail"]
+    # An interrupted run: trainer outputs but no result.json.
+    (out / names[3]).mkdir()
+    (out / names[3] / "metrics.jsonl").write_text('{"iteration": 1, "loss": 1.0, "skipped": 0, "time": 1}\n')
+
+    second = FakeTrainer()
+    results = ablation.run_grid(runs, grid, out, grid_path, execute=second, log=lambda *a: None)
+    assert second.calls == names[2:]  # the failed and the interrupted run; the done ones are kept
+    assert [r["status"] for r in results] == ["converged"] * 4
+    assert [e["epoch"] for e in results[3]["ap_by_epoch"]] == [1.0, 2.0]
+    assert results[3]["iterations_done"] == runs[3].max_iter  # the stale metrics line is gone
+
+    # Changing a setting (here the epochs) makes every run a new one.
+    grid.epochs = 1
+    third = FakeTrainer()
+    ablation.run_grid(ablation.expand(grid)[0], grid, out, grid_path, execute=third, log=lambda *a: None)
+    assert third.calls == names
+
+    saved = json.loads((out / "results.json").read_text())["results"]
+    assert [r["name"] for r in saved] == names
+    assert (out / "results.md").read_text().count("\n| ") == 1 + len(names)
+    for png in ("ap_by_epoch.png", "loss.png", "lr.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_outcomes_of_a_finished_process(tmp_path):
+    grid = ablation.load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
+    (run,), _ = ablation.expand(grid)
+
+    def collect(returncode, log, losses, skipped=0):
+        run_dir = tmp_path / "run"
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "log.txt").write_text(log)
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"iteration": i + 1, "loss": x, "skipped": skipped, "time": 1.0}) + "\n"
+            for i, x in enumerate(losses)))
+        return ablation.collect(run, run_dir, returncode, 1.0, grid)
+
+    falling = [2.0 - i / run.max_iter for i in range(run.max_iter)]
+    assert collect(0, "", falling)["status"] == "converged"
+    r = collect(0, "", falling[:-1] + [1e3])
+    assert (r["status"], r["converged"]) == ("diverged", False) and "exploded" in r["reason"]
+    r = collect(1, "[0]<stderr>:FloatingPointError: non-finite loss or gradient at iteration 3\n", falling[:3], 1)
+    assert r["status"] == "diverged" and "iteration 3" in r["reason"]
+    r = collect(None, "slow\n", falling[:3])
+    assert r["status"] == "failed" and "timed out" in r["reason"] and r["converged"] is None
+    r = collect(0, "", falling[:3])
+    assert r["status"] == "failed" and f"3 of {run.max_iter}" in r["reason"]
+
+
+@pytest.mark.multirank
+def test_tiny_real_grid_end_to_end(tmp_path):
+    """Two real trainings (1 rank with BN, 2 ranks with CGBN), 2 epochs each, then a resume that trains nothing."""
+    from hvd_megdet.data.synthetic import make_dataset
+    data = tmp_path / "shapes"
+    make_dataset(str(data), num_train=8, num_val=4, seed=3)
+    grid_path = tmp_path / "grid.yaml"
+    grid_path.write_text(yaml.safe_dump({
+        "base": BASE, "epochs": 2, "ims_per_gpu": 2, "warmup_epochs": 0.5, "timeout": 240,
+        "divergence": {"max_skipped": 0, "explode_factor": 1000},  # a handful of steps: only a crash counts
+        "overrides": {"data.train.images": str(data / "train"),
+                      "data.train.annotations": str(data / "annotations" / "instances_train.json"),
+                      "data.val.images": str(data / "val"),
+                      "data.val.annotations": str(data / "annotations" / "instances_val.json"),
+                      "data.num_workers": 0, "input.min_size": [96], "input.max_size": 128,
+                      "checkpoint_period": 1000, "log_period": 1},
+        "axes": {"batch": [2, 4], "norm": ["cgbn"]}}))
+    out = tmp_path / "out"
+    assert ablation.main(["--grid", str(grid_path), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["name"], r["ranks"]) for r in results] == [("b2_bn2_warmup", 1), ("b4_cgbn4_warmup", 2)]
+    for r in results:
+        assert r["status"] in ("converged", "diverged"), r
+        assert r["iterations_done"] == r["max_iter"] == 2 * r["iters_per_epoch"]
+        assert [e["epoch"] for e in r["ap_by_epoch"]] == [1.0, 2.0]
+        assert r["AP"] == r["ap_by_epoch"][-1]["AP"] and r["train_time_s"] > 0
+    stamps = {r["name"]: (out / r["name"] / "result.json").stat().st_mtime_ns for r in results}
+    assert ablation.main(["--grid", str(grid_path), "--out", str(out)]) == 0  # resume: all done
+    assert stamps == {r["name"]: (out / r["name"] / "result.json").stat().st_mtime_ns for r in results}
