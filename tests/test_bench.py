@@ -1,0 +1,90 @@
+"""The benchmarks' pure parts: summaries, tables, the scaling model on hand-computed numbers, and the data
+benchmark's two pipelines producing the same thing (no timing is asserted)."""
+import math
+
+import pytest
+
+from hvd_megdet.bench import data as bench_data
+from hvd_megdet.bench import scaling, train_iter
+
+
+def _phases(step, forward):
+    return {"step": step, "forward": forward, "backward": 0.0, "allreduce": 0.0, "checks": 0.0, "optimizer": 0.0}
+
+
+def test_summarize_medians():
+    # rank 0 / rank 1 per iteration; slowest per iteration, then median over 3 iterations.
+    rank0 = {"data": [0.1, 0.3, 0.2], "cgbn": [_phases(2.0, 1.0), _phases(2.2, 1.0), _phases(9.0, 1.0)],
+             "cgbn_1phase": [_phases(1.5, 1.0)] * 3, "bn": [_phases(1.0, 0.5)] * 3, "frozen": [_phases(0.5, 0.1)] * 3}
+    rank1 = {"data": [0.2, 0.1, 0.1], "cgbn": [_phases(2.4, 1.5), _phases(1.0, 1.0), _phases(1.0, 1.0)],
+             "cgbn_1phase": [_phases(1.5, 1.0)] * 3, "bn": [_phases(1.2, 0.5)] * 3, "frozen": [_phases(0.4, 0.1)] * 3}
+    result = train_iter.summarize([rank0, rank1])
+    # data: max per iteration 0.2, 0.3, 0.2 -> 0.2; cgbn step: 2.4, 2.2, 9.0 -> 2.4;
+    # forward, mean over ranks: 1.25, 1.0, 1.0 -> 1.0
+    assert result["cgbn"]["data"] == pytest.approx(0.2)
+    assert result["cgbn"]["step"] == pytest.approx(2.4)
+    assert result["cgbn"]["forward"] == pytest.approx(1.0)
+    assert result["bn"]["total"] == pytest.approx(1.4)
+    assert result["cgbn"]["ratio_vs_bn"] == pytest.approx(2.6 / 1.4)
+    assert result["frozen"]["ratio_vs_bn"] == pytest.approx(0.7 / 1.4)
+    table = train_iter.format_table(result, {"np": 2})
+    assert table.splitlines()[0] == "np=2"
+    assert "| cgbn | 2600.0 | 1.86 | 200.0 | 2400.0 | 1000.0 |" in table
+
+
+def test_ring_and_small_allreduce():
+    # ring over 4 ranks, 1 GB at 1 GB/s, 1 ms per hop: 6 hops + 2 * 3/4 s
+    assert scaling.ring_allreduce_s(4, 1e9, 1e9, 1e-3) == pytest.approx(0.006 + 1.5)
+    assert scaling.ring_allreduce_s(1, 1e9, 1e9, 1e-3) == 0.0
+    # 8 ranks: overhead + 2 * 3 hops
+    assert scaling.small_allreduce_s(8, 1e-3, 1e-5) == pytest.approx(1e-3 + 6e-5)
+    assert scaling.small_allreduce_s(1, 1e-3, 1e-5) == 0.0
+
+
+def test_iteration_time_hand_computed():
+    # 16 GPUs on 2 nodes: inter-node ring at 1e9 B/s, 1e-5 s per hop; 3e8 bytes in fused buffers of 2e8 + 1e8.
+    t = scaling.iteration_time(16, compute_s=0.3, grad_bytes=3e8, bn_layers=10, allreduces_per_layer=3,
+                               bw_intra=1e10, bw_inter=1e9, hop_intra=1e-6, hop_inter=1e-5, overhead_s=1e-3,
+                               fusion_bytes=2e8, backward_fraction=0.5)
+    grad = (30 * 1e-5 + 30 / 16 * 2e8 / 1e9) + (30 * 1e-5 + 30 / 16 * 1e8 / 1e9)
+    assert t["grad_allreduce"] == pytest.approx(grad)  # 0.563
+    assert t["grad_exposed"] == pytest.approx(grad - 0.15)
+    cgbn = 10 * 3 * (1e-3 + 2 * 4 * 1e-5)
+    assert t["cgbn"] == pytest.approx(cgbn)
+    assert t["total"] == pytest.approx(0.3 + grad - 0.15 + cgbn)
+    # BN groups of 8 inside a node: the intra-node hop and log2(8) = 3 levels
+    grouped = scaling.iteration_time(16, compute_s=0.3, grad_bytes=3e8, bn_layers=10, allreduces_per_layer=3,
+                                     bw_intra=1e10, bw_inter=1e9, hop_intra=1e-6, hop_inter=1e-5,
+                                     overhead_s=1e-3, bn_group=8, fusion_bytes=2e8, backward_fraction=0.5)
+    assert grouped["cgbn"] == pytest.approx(10 * 3 * (1e-3 + 6e-6))
+
+
+def test_scaling_table_and_paper():
+    rows = scaling.scaling_table(scaling.SCENARIOS["V100 + IB EDR x1"], gpus=(8, 128))
+    assert rows[0]["efficiency"] == 1.0
+    assert rows[1]["efficiency"] == pytest.approx(rows[0]["total"] / rows[1]["total"])
+    assert rows[1]["images_per_s"] == pytest.approx(256 / rows[1]["total"])
+    assert scaling.paper_efficiency(33.0, 8, 4.0, 128) == pytest.approx(33 / 4 / 16)
+
+
+def test_r50_fpn_figures_match_the_model():
+    counted = scaling.count_model()
+    assert counted["bn_layers"] == scaling.R50_FPN["bn_layers"]
+    assert counted["params"] == pytest.approx(scaling.R50_FPN["params"], rel=1e-3)
+
+
+def test_workers_needed():
+    assert bench_data.workers_needed(10.0, 4.0) == math.ceil(12.5 / 4)
+    assert bench_data.workers_needed(10.0, 100.0) == 1
+
+
+def test_data_pipelines_produce_the_same_sizes(tmp_path):
+    datasets = bench_data.pipelines(*bench_data.make_jpegs(str(tmp_path), 2))
+    for i in range(2):
+        (ours, t_ours), (ref, t_ref) = datasets["hvd_megdet"][i], datasets["torchvision"][i]
+        # torchvision floors the resized width (1066), we round (1067): the same work to within a column
+        assert ours.shape == (3, 800, 1067) and ref.shape[:2] == (3, 800) and abs(ref.shape[2] - 1067) <= 1
+        assert ours.dtype == ref.dtype
+        assert len(t_ours["boxes"]) == len(t_ref["boxes"]) > 0
+        # both in pixels of the resized image
+        assert float(t_ours["boxes"].max()) <= 1067 and float(t_ref["boxes"].max()) <= 1067
