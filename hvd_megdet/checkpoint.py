@@ -4,7 +4,7 @@ A checkpoint is `<output_dir>/checkpoints/model_<iteration>.pth`, a dict of plai
 {"model", "optimizer", "iteration", "config", "rng"}. It is written to a temporary file in the same folder,
 flushed and fsynced, then renamed over the final name, so a process killed mid-save never leaves a
 half-written checkpoint under a final name. Loading uses `torch.load(weights_only=True)`: pickles that are
-not plain tensors and containers are refused.
+not plain tensors and containers are refused. The trainer never saves non-finite weights (`first_nonfinite`).
 """
 import os
 import re
@@ -24,10 +24,16 @@ def checkpoint_dir(output_dir):
 
 
 def save(state, path):
-    """Atomically write `state` to `path` (temporary file, fsync, rename, fsync of the folder)."""
+    """Atomically write `state` to `path` (temporary file, fsync, rename, fsync of the folder).
+
+    Temporary files in the folder from an earlier writer that was killed mid-save are deleted first (a job
+    has one writer: rank 0).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    for stale in path.parent.glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -51,7 +57,8 @@ def load(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated files and refused pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        first = (str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__) \
+            + " (truncated, or not written by torch.save?)"
         if "Weights only load failed" in str(e):
             first = "refused: it holds objects other than tensors and plain containers (weights_only=True)"
         raise CheckpointError(f"checkpoint {path}: cannot load: {first}") from None
@@ -83,6 +90,56 @@ def latest(output_dir, log=print):
         except CheckpointError as e:
             log(f"warning: skipping {e}")
     return None, None
+
+
+def restore(model, optimizer, state, path):
+    """Load a training checkpoint's "model" (strictly) and "optimizer" entries into `model` and `optimizer`.
+
+    Raises CheckpointError naming the file when it is not a training checkpoint, or when it does not fit the
+    model (another architecture or config: the message lists the missing, unexpected and differently
+    shaped keys, five of each) or the optimizer.
+    """
+    if not (isinstance(state, dict) and {"model", "optimizer", "iteration"} <= state.keys()):
+        raise CheckpointError(f"checkpoint {path}: not a training checkpoint (needs 'model', 'optimizer' and "
+                              f"'iteration' entries)")
+    expected, saved = model.state_dict(), state["model"]
+    problems = {"missing": [k for k in expected if k not in saved],
+                "unexpected": [k for k in saved if k not in expected],
+                "shape file vs model": [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
+                                        for k, v in expected.items() if k in saved and saved[k].shape != v.shape]}
+    if any(problems.values()):
+        counters_last = lambda key: key.endswith("num_batches_tracked")  # the least telling keys
+        raise CheckpointError(f"checkpoint {path}: does not fit the model (another architecture or config?): "
+                              + "; ".join(f"{what} ({len(keys)}): {sorted(keys, key=counters_last)[:5]}"
+                                          for what, keys in problems.items() if keys))
+    model.load_state_dict(saved)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {e}") from None
+
+
+def first_nonfinite(tree, prefix=""):
+    """The dotted name of the first floating-point tensor in nested dicts/lists `tree` holding a NaN or
+    infinity, or None (one reduction per tensor, one host sync in all)."""
+    named = []
+
+    def walk(node, name):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{name}.{i}")
+        elif torch.is_tensor(node) and node.is_floating_point() and node.numel():
+            named.append((name, node))
+
+    walk(tree, prefix)
+    if not named:
+        return None
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).tolist()
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
 
 
 def path_for(output_dir, iteration):

@@ -5,8 +5,10 @@ trainer, evaluator and tests run the same code single-process and under `horovod
 Every function here that communicates must be called by all ranks, in the same order.
 """
 import os
+import socket
 
 import horovod.torch as hvd
+import psutil
 import torch
 
 
@@ -64,6 +66,39 @@ def gather_object(obj, name):
     if hvd.size() == 1:
         return [obj]
     return hvd.allgather_object(obj, name=name)
+
+
+_peers = {"rank": None, "table": []}  # this rank and every rank's (host, pid), from record_peers()
+
+
+def record_peers():
+    """Gather every rank's (host, pid) once, so that a rank whose collective fails can tell which peer died.
+
+    A collective: call it on all ranks, after init (not in elastic mode, where a late joiner must not run
+    collectives outside the elastic loop).
+    """
+    _peers["rank"] = hvd.rank()
+    _peers["table"] = gather_object((socket.gethostname(), os.getpid()), name="peers")
+
+
+def _exited(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, not yet reaped by the launcher
+    except psutil.NoSuchProcess:
+        return True
+
+
+def lost_peer_message(error):
+    """One line for a failed collective (Horovod's HorovodInternalError): this rank, and the rank(s) that
+    died when they ran on this host (peers on other hosts cannot be checked from here: the launcher names
+    them, e.g. horovodrun's "Process 2 exit with status code 137")."""
+    host = socket.gethostname()
+    lost = [r for r, (h, pid) in enumerate(_peers["table"]) if h == host and pid != os.getpid() and _exited(pid)]
+    who = (f"rank {', '.join(map(str, lost))} {'has' if len(lost) == 1 else 'have'} exited" if lost else
+           "another rank exited or the network failed (see the launcher's log for which rank exited first)")
+    reason = str(error).strip().split(". ")[0] or error.__class__.__name__
+    me = _peers["rank"]
+    return f"{'rank ' + str(me) if me is not None else 'this rank'}: a collective failed: {who} ({reason})"
 
 
 def torch_threads_per_rank():

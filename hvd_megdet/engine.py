@@ -1,16 +1,20 @@
-"""One training step and the distributed evaluation loop.
+"""Loading a batch, one training step, and the distributed evaluation loop.
 
-`train_step` is the whole iteration after the batch is loaded: forward, backward (Horovod averages the
-gradients during it), one consistency check across ranks, optional clipping, and the optimizer step.
-`evaluate` runs inference on this rank's exact shard of the validation set, gathers the detections on
-rank 0, scores them with COCOeval and shares the metrics with every rank.
+`next_batch` loads this rank's batch and agrees with the other ranks that every rank has one, so an error
+that only one rank sees (an unreadable image in its shard) stops all ranks together instead of leaving them
+waiting in a collective. `train_step` is the whole iteration after the batch is loaded: forward, backward
+(Horovod averages the gradients during it), one consistency check across ranks, optional clipping, and the
+optimizer step. `evaluate` runs inference on this rank's exact shard of the validation set, gathers the
+detections on rank 0, scores them with COCOeval and shares the metrics with every rank.
 """
 import contextlib
 import math
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from hvd_megdet import dist
+from hvd_megdet.data import DatasetError
 from hvd_megdet.evaluation import evaluate_bbox, to_coco_results, write_eval
 
 
@@ -21,6 +25,38 @@ def to_device(images, targets, device, channels_last=False):
     targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                for t in targets]
     return images, targets
+
+
+def _one_line(error):
+    """The message of `error` on one line; a DataLoader worker's error carries the worker's traceback and
+    ends with the original "package.Error: message" line, whose message is taken."""
+    lines = str(error).strip().splitlines() or [error.__class__.__name__]
+    prefix = f"{error.__class__.__module__}.{error.__class__.__name__}: "
+    return lines[-1][len(prefix):] if lines[-1].startswith(prefix) else lines[-1]
+
+
+def next_batch(data_iter):
+    """The next batch of `data_iter` on every rank, or the same exception raised on every rank.
+
+    One flag per iteration, reduced over the ranks, says whether any rank failed to load its batch; then
+    every rank raises DatasetError (when the first failing rank's error was one: an unreadable or
+    inconsistent image, named in the message) or RuntimeError, with "rank R: message" of the first failing
+    rank. Without it the failing rank would exit and the others wait in the step's collectives.
+    """
+    try:
+        batch, error = next(data_iter), None
+    except Exception as e:  # re-raised below, on every rank
+        batch, error = None, e
+    # Horovod: every rank learns whether every rank has a batch, before any rank enters the step's collectives.
+    if not dist.any_rank(error is not None, name="batch_loaded"):
+        return batch
+    # Horovod: the failing ranks' messages, to every rank (a rare path: only when some rank failed).
+    failures = dist.gather_object(None if error is None else (error.__class__.__name__, _one_line(error)),
+                                  name="batch_errors")
+    rank, (kind, message) = next((r, f) for r, f in enumerate(failures) if f is not None)
+    if kind == DatasetError.__name__:
+        raise DatasetError(f"rank {rank}: {message}") from error
+    raise RuntimeError(f"rank {rank}: loading its batch failed: {kind}: {message}") from error
 
 
 def autocast(device, amp):
@@ -38,14 +74,23 @@ def grads_finite(parameters):
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+def _running_stats(model):
+    """The BatchNorm buffers that a forward pass in train mode updates (statistics and their counter)."""
+    return [buf for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+
+
 def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, clip_grad_norm=0.0):
-    """One SGD iteration on this rank's batch; returns (losses averaged over ranks, stepped: bool).
+    """One SGD iteration on this rank's batch; returns (losses averaged over ranks, nonfinite).
 
     `optimizer` is an hvd.DistributedOptimizer. The losses of all ranks and a non-finite flag travel in one
     allreduce, so every rank takes the same decision: when any rank's loss or the averaged gradient is not
-    finite, no rank steps (and the caller counts or stops).
+    finite, no rank steps, the forward's update of the BatchNorm running statistics is undone (they would
+    stay NaN for good), and `nonfinite` is every rank's report, [{"rank", "losses" (that rank's own),
+    "loss_finite", "grads_finite"}, ...], for the caller to count or stop on; else `nonfinite` is None.
     """
     device = images[0].device
+    stats_before = [buf.clone() for buf in _running_stats(model)]
     with autocast(device, amp):
         loss_dict = model(images, targets)
     loss = sum(loss_dict.values())
@@ -56,9 +101,10 @@ def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, cli
     if scaler:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    local_bad = not math.isfinite(loss.item()) or not grads_finite(params)
+    loss_finite, grads_ok = math.isfinite(loss.item()), grads_finite(params)
     names = sorted(loss_dict)
-    stats = torch.tensor([loss_dict[k].item() for k in names] + [float(local_bad)], dtype=torch.float64)
+    local = [loss_dict[k].item() for k in names]
+    stats = torch.tensor(local + [float(not (loss_finite and grads_ok))], dtype=torch.float64)
     # Horovod: one small allreduce gives every rank the mean losses and whether any rank saw a non-finite value.
     stats = dist.allreduce_sum(stats, name="train_step_stats")
     bad = stats[-1].item() > 0
@@ -66,9 +112,14 @@ def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, cli
     losses["loss"] = sum(losses.values())
     if bad:
         optimizer.zero_grad()
+        for buf, before in zip(_running_stats(model), stats_before):
+            buf.copy_(before)
         if scaler:  # let the scaler lower its scale, as it would on an overflow
             scaler.update()
-        return losses, False
+        # Horovod: every rank's own view, so that the log names the rank(s) whose loss was not finite.
+        report = dist.gather_object({"rank": dist.rank(), "losses": dict(zip(names, local)),
+                                     "loss_finite": loss_finite, "grads_finite": grads_ok}, name="nonfinite")
+        return losses, report
     if clip_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
     # Horovod: gradients are already averaged; step without a second synchronize.
@@ -78,7 +129,7 @@ def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, cli
             scaler.update()
         else:
             optimizer.step()
-    return losses, True
+    return losses, None
 
 
 @torch.no_grad()

@@ -200,7 +200,10 @@ def load_weights(model, path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled objects other than tensors and containers
-        raise ValueError(f"{path}: not a weights file torch.load(weights_only=True) accepts: {e}") from e
+        reason = ("it holds objects other than tensors and plain containers" if "Weights only load failed" in str(e)
+                  else (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+                  + " (truncated, or not written by torch.save?)")
+        raise ValueError(f"{path}: not a weights file torch.load(weights_only=True) accepts: {reason}") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -15,7 +15,7 @@ BASE = str(REPO / "configs" / "demo_shapes.yaml")
 
 def write_grid(tmp_path, **fields):
     grid = {"base": BASE, "epochs": 2, "ims_per_gpu": 2, "warmup_epochs": 0.5, "steps_epochs": [1.5],
-            "train_images": 48, "axes": {"batch": [2, 4, 8], "norm": ["frozen", "bn", "cgbn"],
+            "train_images": 48, "overrides": {"solver.base_lr": 0.02}, "axes": {"batch": [2, 4, 8], "norm": ["frozen", "bn", "cgbn"],
                                          "warmup": [True, False], "bn_group_size": [0, 2, 3]}}
     grid.update(fields)
     path = tmp_path / "grid.yaml"

@@ -73,7 +73,7 @@ def test_horovodrun_command_line_and_evaluate(shapes, tmp_path):
     proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.train", "--config", "configs/demo_shapes.yaml", *args],
                       timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "lr 0.02 x 4/16 = 0.005 (linear scaling rule)" in proc.stdout
+    assert "lr 0.08 x 4/16 = 0.02 (linear scaling rule)" in proc.stdout
     ckpt = out / "checkpoints" / "model_0000003.pth"
     assert ckpt.is_file()
     eval_out = tmp_path / "eval_only"

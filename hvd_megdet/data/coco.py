@@ -72,7 +72,12 @@ class CocoDetection(Dataset):
     size, else ValueError naming the file. All bad input raises ValueError naming the file.
 
     Attributes: `label_to_cat_id` int64 [K + 1] (entry 0, background, is -1), `cat_id_to_label` dict,
-    `class_names` tuple [K + 1] (entry 0 "__background__"), `aspect_ratios` float [len] width / height.
+    `class_names` tuple [K + 1] (entry 0 "__background__"), `aspect_ratios` float [len] width / height,
+    `dropped` {"crowd boxes", "degenerate boxes", "images without a usable box": count} (the trainer logs it).
+
+    Bad images: an image that cannot be read or decoded, or whose size differs from the JSON's, raises
+    DatasetError naming the file when it is loaded; it is never replaced silently (the trainer stops every
+    rank with that message; fix the file or drop it from the JSON, then resume).
     """
 
     def __init__(self, image_dir, ann_file, transforms=None, keep_empty=False):
@@ -86,6 +91,7 @@ class CocoDetection(Dataset):
         self.class_names = ("__background__",) + tuple(str(c.get("name", c["id"])) for c in cats)
 
         names, ids, widths, heights, counts, boxes, labels = [], [], [], [], [], [], []
+        self.dropped = {"crowd boxes": 0, "degenerate boxes": 0, "images without a usable box": 0}
         for img in sorted(coco.imgs.values(), key=lambda im: im["id"]):
             try:
                 w, h, name = float(img["width"]), float(img["height"]), str(img["file_name"])
@@ -94,8 +100,13 @@ class CocoDetection(Dataset):
                                  f"height") from None
             if not (w >= 1 and h >= 1):
                 raise DatasetError(f"{ann_file}: image {img['id']} has width/height {w}/{h}")
-            img_boxes, img_labels = self._usable_boxes(coco.imgToAnns.get(img["id"], []), w, h)
+            anns = coco.imgToAnns.get(img["id"], [])
+            img_boxes, img_labels = self._usable_boxes(anns, w, h)
+            crowd = sum(1 for ann in anns if ann.get("iscrowd", 0))
+            self.dropped["crowd boxes"] += crowd
+            self.dropped["degenerate boxes"] += len(anns) - crowd - len(img_boxes)
             if not img_boxes and not keep_empty:
+                self.dropped["images without a usable box"] += 1
                 continue
             names.append(name.encode())
             ids.append(img["id"])

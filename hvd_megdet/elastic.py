@@ -1,0 +1,47 @@
+"""Horovod elastic training: the trainer's loop goes on when workers are lost or added.
+
+    horovodrun -np 8 --min-np 4 --max-np 16 --host-discovery-script ./discover_hosts.sh \
+        python -m hvd_megdet.train --config CONFIG --elastic [--resume]
+
+`run` wraps the trainer's loop in `hvd.elastic.run` with a `hvd.elastic.TorchState` holding the model, the
+optimizer and the trainer's counters (the iteration, which is also the sampler position: the training stream
+is a pure function of it and of the world size). The loop commits the state after every iteration. When a
+worker dies, the others get a HorovodInternalError from their next collective, roll back to the last commit,
+re-initialize Horovod with the workers left, run the reset callbacks (the trainer rebuilds the BN process
+sets there: Horovod's re-initialization drops them) and call the loop again, which rebuilds the data loader
+for the new rank and world size and takes the lr of the new global batch from the linear scaling rule. A
+worker that joins does the trainer's set-up, then receives the state from rank 0.
+"""
+import os
+
+import horovod.torch as hvd
+
+from hvd_megdet.sync_bn import SyncBatchNorm
+
+
+def in_elastic_job():
+    """True in a worker started by `horovodrun --host-discovery-script ...` (elastic mode)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def set_process_set(model, process_set):
+    """Point every cross-GPU BatchNorm of `model` at `process_set` (see sync_bn.bn_group)."""
+    for module in model.modules():
+        if isinstance(module, SyncBatchNorm):
+            module.process_set = process_set
+
+
+def run(loop, model, optimizer, on_reset, **counters):
+    """Run `loop(state)` under Horovod elastic and return its result.
+
+    state: a hvd.elastic.TorchState with `model`, `optimizer` and `counters` as attributes (e.g.
+    iteration=0, skipped=0); `loop` calls `state.commit()` after each iteration. `on_reset()` runs on the
+    surviving workers after Horovod is re-initialized for a new set of workers, before the state is synced.
+    The model and optimizer must already hold their starting state on rank 0 (e.g. from a checkpoint): the
+    first sync broadcasts them from there.
+    """
+    state = hvd.elastic.TorchState(model=model, optimizer=optimizer, **counters)
+    # A failed step's pending gradient allreduces are dropped by the state's restore
+    # (hvd.DistributedOptimizer.load_state_dict clears them).
+    state.register_reset_callbacks([on_reset])
+    return hvd.elastic.run(loop)(state)

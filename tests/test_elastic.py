@@ -1,0 +1,77 @@
+"""Elastic training (--elastic) on localhost with Gloo: a worker is lost, training finishes on the others.
+
+Horovod blacklists the host of a failed worker, so the job runs on two host names that both mean this
+machine: localhost (2 slots) and 127.0.0.1 (1 slot); the worker on 127.0.0.1 kills itself mid-training.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hvd_megdet import checkpoint
+from hvd_megdet.config import load_config
+from hvd_megdet.data.synthetic import make_dataset
+from hvd_megdet.process import kill_tree
+from hvd_megdet.solver import lr_at
+from tests.harness import HOROVODRUN, REPO
+from tests.test_faults import CONFIG, overrides
+
+pytestmark = pytest.mark.multirank
+
+# The worker on host 127.0.0.1 dies (SIGKILL) when it is about to load the batch of its iteration 2.
+KILL_ON_127 = """
+import os, signal, sys
+import hvd_megdet.train as trainer
+fetch, calls = trainer.next_batch, [0]
+def next_batch(data_iter):
+    if os.environ["HOROVOD_HOSTNAME"] == "127.0.0.1" and calls[0] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls[0] += 1
+    return fetch(data_iter)
+trainer.next_batch = next_batch
+trainer.main(sys.argv[1:])
+"""
+
+
+def elastic_horovodrun(argv, discovery, timeout):
+    """`horovodrun -np 3 --min-np 2 --max-np 3 --host-discovery-script DISCOVERY ARGV`; (returncode, output)."""
+    cmd = [str(HOROVODRUN), "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
+           str(discovery), *map(str, argv)]
+    # A survivor that shared no connection with the lost worker only notices it when its Gloo operation times
+    # out (Horovod's default: 30 s); 15 s keeps the test short and is still ample on localhost.
+    env = dict(os.environ, PYTHONPATH=str(REPO), HOROVOD_GLOO_TIMEOUT_SECONDS="15")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        pytest.fail(f"elastic job still running after {timeout}s:\n{proc.communicate()[0][-4000:]}")
+    return proc.returncode, out
+
+
+def test_lost_worker_training_finishes_on_two_with_the_rescaled_lr(tmp_path):
+    data = tmp_path / "shapes"
+    make_dataset(str(data), num_train=16, num_val=4, seed=1)
+    discovery = tmp_path / "discover_hosts.sh"
+    discovery.write_text("#!/bin/sh\necho localhost:2\necho 127.0.0.1:1\n")
+    discovery.chmod(0o755)
+    out = tmp_path / "out"
+    # BN groups of 2: 2 does not divide 3 (groups of 1 rank until the worker is lost), then groups of 2.
+    argv = overrides(data, out, **{"solver.max_iter": 5, "checkpoint_period": 5, "model.bn_group_size": 2})
+    code, log = elastic_horovodrun([sys.executable, "-c", KILL_ON_127, "--elastic", "--config", CONFIG, *argv],
+                                   discovery, timeout=300)
+    assert code == 0, log[-4000:]
+    assert "exit with status code 137" in log
+    assert "world size 3 x 2 images = global batch 6; lr 0.02 x 6/16 = 0.0075 (linear scaling rule)" in log
+    assert "world size 2 x 2 images = global batch 4; lr 0.02 x 4/16 = 0.005 (linear scaling rule)" in log
+    assert "warning: model.bn_group_size=2 does not divide the world size 3" in log
+    assert log.index("BN groups of 1 of the 3 ranks") < log.index("BN groups of 2 of the 2 ranks")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]  # each once: the lost step is redone, not logged twice
+    assert [r["world_size"] for r in records] == [3, 3, 2, 2, 2]
+    solver = load_config(CONFIG, argv).solver
+    assert [r["lr"] for r in records] == [lr_at(r["iteration"] - 1, solver, r["world_size"]) for r in records]
+    assert checkpoint.first_nonfinite(checkpoint.load(checkpoint.path_for(out, 5))) is None

@@ -1,0 +1,224 @@
+"""Faults on real Horovod ranks: errors one rank alone sees, non-finite steps, a killed rank, --resume.
+
+Several short trainings share one launch of 2 ranks (`scenarios`, each launch costs seconds); the tests then
+check their parts. The uninterrupted run there is the reference the killed-and-resumed run must repeat.
+"""
+import hashlib
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hvd_megdet import checkpoint
+from hvd_megdet.data import CocoDetection
+from hvd_megdet.data.sampler import TrainBatchSampler
+from hvd_megdet.data.synthetic import make_dataset
+from tests.harness import horovodrun, run_ranks
+
+pytestmark = pytest.mark.multirank
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "demo_shapes.yaml"
+NAN_AT = 2  # the 0-based iteration at which rank 1's images become NaN
+
+
+def overrides(data_root, out, **extra):
+    """A tiny 2-rank run: 96-px images, few proposals, no workers, no evaluation, a checkpoint every 2.
+    Everything the tests' expectations depend on is set here, not taken from the demo config."""
+    items = {
+        "model.backbone": "resnet_tiny", "model.norm": "cgbn", "model.bn_group_size": 0,
+        "model.anchor_sizes": "[16, 32, 64, 128, 256]", "device": "cpu", "seed": 0,
+        "solver.base_lr": 0.02, "solver.base_batch": 16, "solver.warmup_factor": 0.01, "solver.nonfinite": "skip",
+        "data.train.images": data_root / "train",
+        "data.train.annotations": data_root / "annotations" / "instances_train.json",
+        "data.val.annotations": "", "data.num_workers": 0, "output_dir": out,
+        "input.min_size": "[96]", "input.max_size": 128,
+        "model.rpn_pre_nms_top_n_train": 100, "model.rpn_post_nms_top_n_train": 50,
+        "model.box_batch_size_per_image": 32,
+        "solver.ims_per_gpu": 2, "solver.max_iter": 6, "solver.warmup_iters": 2, "solver.steps": "[4]",
+        "checkpoint_period": 2, "log_period": 1,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def digest(state_dict):
+    h = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _scenarios(runs):
+    """On each rank: train every (name, argv, inject_nan) of `runs` in turn; returns {name: outcome}."""
+    import horovod.torch as hvd
+
+    from hvd_megdet import train as trainer
+    from hvd_megdet.config import load_config
+
+    build = trainer.model_from_config
+
+    def nan_on_rank_1(*args, **kwargs):
+        model = build(*args, **kwargs)
+        forward, calls = model.forward, itertools.count()
+
+        def forward_with_nan(images, targets=None):
+            if model.training and next(calls) == NAN_AT and hvd.rank() == 1:
+                images = [img * float("nan") for img in images]
+            return forward(images, targets)
+
+        model.forward = forward_with_nan
+        return model
+
+    outcomes = {}
+    for name, argv, inject_nan in runs:
+        trainer.model_from_config = nan_on_rank_1 if inject_nan else build
+        try:
+            model, _ = trainer.train(load_config(CONFIG, argv))
+            outcomes[name] = {"digest": digest(model.state_dict())}
+        except (FloatingPointError, *trainer.USER_ERRORS) as e:
+            outcomes[name] = {"error": f"{e.__class__.__name__}: {e}"}
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    make_dataset(str(root), num_train=16, num_val=4, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_image(shapes, tmp_path_factory):
+    """A copy of `shapes` whose image loaded by rank 1 (of 2) at iteration 1 is truncated; returns (root, path)."""
+    root = tmp_path_factory.mktemp("bad") / "shapes"
+    shutil.copytree(shapes, root)
+    ds = CocoDetection(str(root / "train"), str(root / "annotations" / "instances_train.json"))
+    batches = list(itertools.islice(TrainBatchSampler(ds.aspect_ratios, 2, 1, 2, seed=0), 2))
+    rank0 = {i for b in itertools.islice(TrainBatchSampler(ds.aspect_ratios, 2, 0, 2, seed=0), 2) for i in b}
+    index = next(i for i in batches[1] if i not in batches[0] and i not in rank0)
+    path = Path(ds.image_path(index))
+    path.write_bytes(path.read_bytes()[:200])
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def one_image(shapes, tmp_path_factory):
+    """A copy of `shapes` whose training set is its first image with objects."""
+    root = tmp_path_factory.mktemp("one") / "shapes"
+    shutil.copytree(shapes, root)
+    ann_file = root / "annotations" / "instances_train.json"
+    coco = json.loads(ann_file.read_text())
+    image_id = coco["annotations"][0]["image_id"]
+    coco["images"] = [im for im in coco["images"] if im["id"] == image_id]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] == image_id]
+    ann_file.write_text(json.dumps(coco))
+    return root
+
+
+@pytest.fixture(scope="module")
+def scenarios(shapes, bad_image, one_image, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    runs = [("reference", overrides(shapes, out / "reference"), False),
+            ("skip", overrides(shapes, out / "skip", **{"checkpoint_period": 1, "solver.max_iter": 4}), True),
+            ("stop", overrides(shapes, out / "stop", **{"solver.nonfinite": "stop", "model.norm": "bn"}), True),
+            ("bad_image", overrides(bad_image[0], out / "bad_image"), False),
+            ("one_image", overrides(one_image, out / "one_image"), False)]
+    results = run_ranks(_scenarios, np=2, args=(runs,), timeout=300)
+    return out, results
+
+
+def test_ranks_agree_after_an_uninterrupted_run(scenarios):
+    out, (rank0, rank1) = scenarios
+    assert rank0["reference"] == rank1["reference"] and "digest" in rank0["reference"]
+    assert [r["iteration"] for r in records(out / "reference")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_on_both_and_leaves_no_trace(scenarios):
+    out, (rank0, rank1) = scenarios
+    assert rank0["skip"] == rank1["skip"] and "digest" in rank0["skip"]
+    assert [r["skipped"] for r in records(out / "skip")] == [0, 0, 1, 1]
+    before, after = (checkpoint.load(checkpoint.path_for(out / "skip", i)) for i in (NAN_AT, NAN_AT + 1))
+    # The skipped step changed nothing: weights, CGBN running statistics and momentum are as before it.
+    assert digest(before["model"]) == digest(after["model"])
+    momentum = [(s["momentum_buffer"], t["momentum_buffer"]) for s, t in
+                zip(before["optimizer"]["state"].values(), after["optimizer"]["state"].values())]
+    assert all(torch.equal(a, b) for a, b in momentum)
+    for i in range(1, 5):
+        assert checkpoint.first_nonfinite(checkpoint.load(checkpoint.path_for(out / "skip", i))) is None
+
+
+def test_a_non_finite_step_with_nonfinite_stop_stops_both_ranks_with_diagnostics(scenarios):
+    out, (rank0, rank1) = scenarios
+    assert rank0["stop"] == rank1["stop"]
+    message = rank0["stop"]["error"]
+    assert message.startswith(f"FloatingPointError: iteration {NAN_AT}: non-finite loss on rank 1;")
+    diagnostics = json.loads((out / "stop" / f"nonfinite_{NAN_AT:07d}.json").read_text())
+    assert diagnostics["iteration"] == NAN_AT and diagnostics["world_size"] == 2
+    assert [r["loss_finite"] for r in diagnostics["ranks"]] == [True, False]
+    assert all(checkpoint.first_nonfinite(checkpoint.load(p)) is None
+               for p in (out / "stop" / "checkpoints").iterdir())
+    assert len(records(out / "stop")) == NAN_AT  # nothing recorded for the failed iteration
+
+
+def test_an_unreadable_image_in_one_shard_stops_every_rank_naming_it(scenarios, bad_image):
+    out, (rank0, rank1) = scenarios
+    assert rank0["bad_image"] == rank1["bad_image"]
+    assert rank0["bad_image"]["error"] == f"DatasetError: rank 1: {bad_image[1]}: not a decodable image " \
+                                          f"(corrupt, truncated or empty)"
+    assert len(records(out / "bad_image")) == 1  # iteration 0 ran, iteration 1 stopped on both ranks
+
+
+def test_fewer_training_images_than_ranks_is_an_error_on_every_rank(scenarios):
+    _, (rank0, rank1) = scenarios
+    assert rank0["one_image"] == rank1["one_image"]
+    assert rank0["one_image"]["error"].endswith("1 training images for 2 ranks: every rank needs at least one")
+
+
+# Rank 1 kills itself (SIGKILL) when it is about to load the batch of iteration 4, right after the
+# checkpoint of iteration 4: for its peers it is a rank that vanished mid-run.
+KILL_RANK_1 = """
+import os, signal, sys
+import horovod.torch as hvd
+import hvd_megdet.train as trainer
+fetch, calls = trainer.next_batch, [0]
+def next_batch(data_iter):
+    if hvd.rank() == 1 and calls[0] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls[0] += 1
+    return fetch(data_iter)
+trainer.next_batch = next_batch
+trainer.main(sys.argv[1:])
+"""
+
+
+def test_killed_rank_stops_the_job_and_resume_repeats_the_uninterrupted_run(scenarios, shapes, tmp_path):
+    out, _ = scenarios
+    run = tmp_path / "killed"
+    args = ["--config", CONFIG, *overrides(shapes, run)]
+    killed = horovodrun(2, [sys.executable, "-c", KILL_RANK_1, *args], timeout=150)
+    assert killed.returncode != 0
+    # horovodrun names the lost rank and stops the others; the survivor names it too, unless horovodrun's
+    # SIGTERM reaches it before its own error does (both take about a second).
+    assert "Process 1 exit with status code 137" in killed.stdout, killed.stdout[-3000:]
+    assert "Terminating remaining workers after failure of Process" in killed.stdout
+    assert ("error: rank 0: a collective failed: rank 1 has exited" in killed.stdout
+            or "[0]<stderr>:Terminated" in killed.stdout), killed.stdout[-3000:]
+    resumed = horovodrun(2, [sys.executable, "-m", "hvd_megdet.train", "--resume", *args], timeout=150)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout
+    # The job ends with the same losses, iteration by iteration, as the run that was never interrupted.
+    reference = records(out / "reference")
+    assert [r["iteration"] for r in records(run)] == [r["iteration"] for r in reference]
+    for mine, theirs in zip(records(run), reference):
+        assert {k: mine[k] for k in ("loss", "lr", "skipped")} == {k: theirs[k] for k in ("loss", "lr", "skipped")}
+    final = checkpoint.load(checkpoint.path_for(run, 6))["model"]
+    assert digest(final) == digest(checkpoint.load(checkpoint.path_for(out / "reference", 6))["model"])
