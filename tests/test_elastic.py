@@ -16,23 +16,12 @@ from hvd_megdet.data.synthetic import make_dataset
 from hvd_megdet.process import kill_tree
 from hvd_megdet.solver import lr_at
 from tests.harness import HOROVODRUN, REPO
-from tests.test_faults import CONFIG, overrides
+from tests.test_faults import CONFIG, overrides, train_killed_when
 
 pytestmark = pytest.mark.multirank
 
 # The worker on host 127.0.0.1 dies (SIGKILL) when it is about to load the batch of its iteration 2.
-KILL_ON_127 = """
-import os, signal, sys
-import hvd_megdet.train as trainer
-fetch, calls = trainer.next_batch, [0]
-def next_batch(data_iter):
-    if os.environ["HOROVOD_HOSTNAME"] == "127.0.0.1" and calls[0] == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    calls[0] += 1
-    return fetch(data_iter)
-trainer.next_batch = next_batch
-trainer.main(sys.argv[1:])
-"""
+KILL_ON_127 = train_killed_when('os.environ["HOROVOD_HOSTNAME"] == "127.0.0.1" and calls[0] == 2')
 
 
 def elastic_horovodrun(argv, discovery, timeout):

@@ -183,21 +183,27 @@ def test_fewer_training_images_than_ranks_is_an_error_on_every_rank(scenarios):
     assert rank0["one_image"]["error"].endswith("1 training images for 2 ranks: every rank needs at least one")
 
 
-# Rank 1 kills itself (SIGKILL) when it is about to load the batch of iteration 4, right after the
-# checkpoint of iteration 4: for its peers it is a rank that vanished mid-run.
-KILL_RANK_1 = """
+def train_killed_when(condition):
+    """Source for `python -c`: hvd_megdet.train's main in a process that SIGKILLs itself just before loading
+    a batch when `condition` holds (an expression of `hvd`, `os` and `calls[0]`, the batches loaded so far)."""
+    return f"""
 import os, signal, sys
 import horovod.torch as hvd
 import hvd_megdet.train as trainer
 fetch, calls = trainer.next_batch, [0]
 def next_batch(data_iter):
-    if hvd.rank() == 1 and calls[0] == 4:
+    if {condition}:
         os.kill(os.getpid(), signal.SIGKILL)
     calls[0] += 1
     return fetch(data_iter)
 trainer.next_batch = next_batch
 trainer.main(sys.argv[1:])
 """
+
+
+# Rank 1 kills itself when it is about to load the batch of iteration 4, right after the checkpoint of
+# iteration 4: for its peers it is a rank that vanished mid-run.
+KILL_RANK_1 = train_killed_when("hvd.rank() == 1 and calls[0] == 4")
 
 
 def test_killed_rank_stops_the_job_and_resume_repeats_the_uninterrupted_run(scenarios, shapes, tmp_path):
