@@ -102,21 +102,32 @@ def restore(model, optimizer, state, path):
     if not (isinstance(state, dict) and {"model", "optimizer", "iteration"} <= state.keys()):
         raise CheckpointError(f"checkpoint {path}: not a training checkpoint (needs 'model', 'optimizer' and "
                               f"'iteration' entries)")
-    expected, saved = model.state_dict(), state["model"]
-    problems = {"missing": [k for k in expected if k not in saved],
-                "unexpected": [k for k in saved if k not in expected],
-                "shape file vs model": [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
-                                        for k, v in expected.items() if k in saved and saved[k].shape != v.shape]}
-    if any(problems.values()):
-        counters_last = lambda key: key.endswith("num_batches_tracked")  # the least telling keys
+    problems = mismatched_keys(model.state_dict(), state["model"])
+    if problems:
         raise CheckpointError(f"checkpoint {path}: does not fit the model (another architecture or config?): "
-                              + "; ".join(f"{what} ({len(keys)}): {sorted(keys, key=counters_last)[:5]}"
-                                          for what, keys in problems.items() if keys))
-    model.load_state_dict(saved)
+                              + problems)
+    model.load_state_dict(state["model"])
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {e}") from None
+
+
+def _is_counter(key):
+    return key.endswith("num_batches_tracked")
+
+
+def mismatched_keys(expected, saved, ignore_counters=False):
+    """Why state dict `saved` does not load into one shaped like `expected`: "" when it fits, else
+    "missing (n): [...]; unexpected (n): [...]; shape file vs model (n): [...]" with up to five keys of each,
+    BatchNorm num_batches_tracked counters (the least telling keys) last, or left out with ignore_counters."""
+    keep = (lambda k: not _is_counter(k)) if ignore_counters else (lambda k: True)
+    problems = {"missing": [k for k in expected if k not in saved and keep(k)],
+                "unexpected": [k for k in saved if k not in expected and keep(k)],
+                "shape file vs model": [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
+                                        for k, v in expected.items() if k in saved and saved[k].shape != v.shape]}
+    return "; ".join(f"{what} ({len(keys)}): {sorted(keys, key=_is_counter)[:5]}"
+                     for what, keys in problems.items() if keys)
 
 
 def first_nonfinite(tree, prefix=""):

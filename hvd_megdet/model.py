@@ -31,6 +31,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.ops import FrozenBatchNorm2d
 
+from hvd_megdet.checkpoint import mismatched_keys
+
 NORMS = ("frozen", "bn", "cgbn")
 # The stages of a ResNet from the input on; `trainable_backbone_layers=k` trains the last k of them.
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
@@ -179,10 +181,6 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
     return model
 
 
-def _is_norm_counter(key):
-    return key.endswith("num_batches_tracked")
-
-
 def load_weights(model, path):
     """Load the local weights file `path` into `model` (a `build_model` detector), in place.
 
@@ -214,13 +212,8 @@ def load_weights(model, path):
         target = model.backbone.body
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = target.state_dict()
-    missing = [k for k in expected if k not in state and not _is_norm_counter(k)]
-    unexpected = [k for k in state if k not in expected and not _is_norm_counter(k)]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        problems = [f"{what} ({len(keys)}): {keys[:5]}" for what, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("shape file vs model", mismatched)) if keys]
+    problems = mismatched_keys(expected, state, ignore_counters=True)
+    if problems:
         where = "the detector" if target is model else "the backbone ResNet (read as an ImageNet state dict)"
-        raise ValueError(f"{path}: weights do not fit {where}; " + "; ".join(problems))
+        raise ValueError(f"{path}: weights do not fit {where}; " + problems)
     target.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
