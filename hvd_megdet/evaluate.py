@@ -31,12 +31,12 @@ def evaluate_checkpoint(cfg):
     num_classes = len(val_set.label_to_cat_id)  # K categories + background
     # Inference uses running statistics only, so CGBN layers become plain BN: no collective per layer.
     norm = "bn" if cfg.model.norm == "cgbn" else cfg.model.norm
-    model = model_from_config(cfg.model, num_classes, norm=norm).to(device)
+    model = model_from_config(cfg.model, num_classes, norm=norm, channels_last=cfg.channels_last).to(device)
     loader = build_val_loader(val_set, dist.rank(), dist.size(), cfg.data.num_workers)
     coco_gt = load_coco(cfg.data.val.annotations) if dist.is_main() else None
     iteration = int(checkpoint.load(cfg.model.weights).get("iteration", 0))
     metrics = evaluate(model, loader, coco_gt, val_set.label_to_cat_id, device, cfg.output_dir, iteration,
-                       cfg.amp, cfg.channels_last)
+                       cfg.amp)
     if dist.is_main():
         print(" ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
     return metrics

@@ -181,6 +181,16 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
     return model
 
 
+def use_channels_last(model):
+    """Feed `model`'s backbone channels_last batches (returns the model): convolutions then keep activations
+    channels_last (NHWC, faster with cuDNN and AMP), while parameters and gradients stay contiguous. Horovod
+    refuses non-contiguous tensors, so `model.to(memory_format=torch.channels_last)` cannot be used: it
+    makes the 4D weights, and with them their gradients, channels_last."""
+    model.backbone.register_forward_pre_hook(
+        lambda module, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
+    return model
+
+
 def load_weights(model, path):
     """Load the local weights file `path` into `model` (a `build_model` detector), in place.
 

@@ -31,7 +31,7 @@ from hvd_megdet.data import (CocoDetection, DatasetError, build_train_loader, bu
                              load_coco)
 from hvd_megdet.data.sampler import epoch_length
 from hvd_megdet.engine import evaluate, next_batch, to_device, train_step
-from hvd_megdet.model import build_model, load_weights
+from hvd_megdet.model import build_model, load_weights, use_channels_last
 from hvd_megdet.solver import build_optimizer, lr_at, scaled_lr, set_lr
 from hvd_megdet.sync_bn import bn_group
 
@@ -71,9 +71,10 @@ def val_dataset(cfg):
                          transforms=build_transforms(False, [test_size], inp.max_size), keep_empty=True)
 
 
-def model_from_config(m, num_classes, norm=None, process_set=None):
-    """The detector of model config `m`, with `norm` overriding m.norm (evaluation uses plain BN for CGBN).
-    A missing or unusable m.weights file raises CheckpointError naming it (and the mismatching keys)."""
+def model_from_config(m, num_classes, norm=None, process_set=None, channels_last=False):
+    """The detector of model config `m`, with `norm` overriding m.norm (evaluation uses plain BN for CGBN),
+    computing in channels_last when asked (`model.use_channels_last`). A missing or unusable m.weights file
+    raises CheckpointError naming it (and the mismatching keys)."""
     model = build_model(num_classes, backbone=m.backbone, norm=norm or m.norm, process_set=process_set,
                         two_phase=m.two_phase, anchor_sizes=m.anchor_sizes,
                         trainable_backbone_layers=m.trainable_backbone_layers,
@@ -88,7 +89,7 @@ def model_from_config(m, num_classes, norm=None, process_set=None):
             load_weights(model, m.weights)
         except (OSError, ValueError) as e:
             raise checkpoint.CheckpointError(f"model.weights: {e}") from None
-    return model
+    return use_channels_last(model) if channels_last else model
 
 
 def bn_process_set(bn_group_size, elastic):
@@ -207,10 +208,8 @@ def train(cfg, resume=False, elastic=False):
         + ", ".join(f"{n} {what}" for what, n in train_set.dropped.items()))
     num_classes = len(train_set.label_to_cat_id)  # K categories + background
     # CGBN groups of model.bn_group_size consecutive ranks (0 = all ranks); every rank registers all groups.
-    model = model_from_config(cfg.model, num_classes,
-                              process_set=bn_process_set(cfg.model.bn_group_size, elastic)).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model_from_config(cfg.model, num_classes, process_set=bn_process_set(cfg.model.bn_group_size, elastic),
+                              channels_last=cfg.channels_last).to(device)
 
     # Horovod: scale the lr by the world size (MegDet's linear scaling rule, see solver.scaled_lr), then
     # average gradients with allreduce, fused and overlapped with the backward pass.
@@ -301,7 +300,7 @@ def train(cfg, resume=False, elastic=False):
             if val_loader is None:
                 return None
             metrics = evaluate(model, val_loader, coco_gt, train_set.label_to_cat_id, device, out, iteration,
-                               cfg.amp, cfg.channels_last)
+                               cfg.amp)
             log(f"iter {iteration}: bbox " + " ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
             if dist.is_main():
                 for k, v in metrics.items():
@@ -317,7 +316,7 @@ def train(cfg, resume=False, elastic=False):
         while state.iteration < cfg.solver.max_iter:
             iteration = state.iteration
             images, targets = next_batch(data_iter)
-            images, targets = to_device(images, targets, device, cfg.channels_last)
+            images, targets = to_device(images, targets, device)
             data_time = time.perf_counter() - t_data
             lr_now = lr_at(iteration, cfg.solver, world)
             set_lr(optimizer, lr_now)

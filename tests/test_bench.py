@@ -3,9 +3,11 @@ benchmark's two pipelines producing the same thing (no timing is asserted)."""
 import math
 
 import pytest
+import torch
 
 from hvd_megdet.bench import data as bench_data
 from hvd_megdet.bench import scaling, train_iter
+from hvd_megdet.engine import to_device
 
 
 def _phases(step, forward):
@@ -80,11 +82,17 @@ def test_workers_needed():
 
 def test_data_pipelines_produce_the_same_sizes(tmp_path):
     datasets = bench_data.pipelines(*bench_data.make_jpegs(str(tmp_path), 2))
+    flips = datasets["hvd_megdet"].transforms  # shared with hvd_megdet_float32: reseed for the same flip
     for i in range(2):
+        flips.reseed(i)
         (ours, t_ours), (ref, t_ref) = datasets["hvd_megdet"][i], datasets["torchvision"][i]
         # torchvision floors the resized width (1066), we round (1067): the same work to within a column
         assert ours.shape == (3, 800, 1067) and ref.shape[:2] == (3, 800) and abs(ref.shape[2] - 1067) <= 1
-        assert ours.dtype == ref.dtype
+        # uint8 from the loader, float in [0, 1] after to_device; the float32 variant converts in the loader
+        (as_float,), _ = to_device([ours], [], torch.device("cpu"))
+        assert ours.dtype == torch.uint8 and as_float.dtype == ref.dtype == torch.float32
+        flips.reseed(i)
+        assert torch.equal(datasets["hvd_megdet_float32"][i][0], as_float)
         assert len(t_ours["boxes"]) == len(t_ref["boxes"]) > 0
         # both in pixels of the resized image
         assert float(t_ours["boxes"].max()) <= 1067 and float(t_ref["boxes"].max()) <= 1067

@@ -82,10 +82,10 @@ def test_keep_empty_keeps_images_without_boxes_in_id_order(small):
         assert tuple(img.shape[1:]) == tgt["size"] == tgt["orig_size"]
 
 
-def test_image_is_float_chw_rgb(small):
+def test_image_is_uint8_chw_rgb(small):
     img, _ = CocoDetection(*small)[0]
-    assert img.dtype == torch.float32 and img.shape == (3, 30, 40)
-    assert torch.equal(img[0], torch.ones(30, 40)) and img[1:].abs().max() == 0  # red, in RGB order
+    assert img.dtype == torch.uint8 and img.shape == (3, 30, 40)
+    assert (img[0] == 255).all() and not img[1:].any()  # red, in RGB order
 
 
 def test_transforms_apply_to_image_and_boxes(small):
@@ -113,7 +113,7 @@ def test_pixel_formats_decode_to_rgb_uint8(tmp_path):
     for i, rgb in enumerate(expected):
         img = ds[i][0]
         assert img.shape == (3, 6, 8)
-        assert torch.allclose(img[:, 0, 0] * 255, torch.tensor(rgb, dtype=torch.float32), atol=1)
+        assert img[:, 0, 0].tolist() == list(rgb)
 
 
 def test_exif_orientation_is_ignored_and_a_rotated_size_is_an_error(tmp_path):
@@ -124,7 +124,7 @@ def test_exif_orientation_is_ignored_and_a_rotated_size_is_an_error(tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     Image.fromarray(pixels).save(f"{image_dir}/1.png", exif=exif)
     img, _ = CocoDetection(image_dir, ann_file)[0]
-    assert img.shape == (3, 4, 8) and img[:, :, :4].min() == 1 and img[:, :, 4:].max() == 0
+    assert img.shape == (3, 4, 8) and img[:, :, :4].min() == 255 and img[:, :, 4:].max() == 0
     # A JSON made from the EXIF-rotated image (8 high, 4 wide) does not match the stored pixels.
     image_dir, ann_file = write_coco(tmp_path, [image(1, 4, 8)], [ann(1, 1, [0, 0, 2, 2])])
     Image.fromarray(pixels).save(f"{image_dir}/1.png", exif=exif)

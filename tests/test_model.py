@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from hvd_megdet.model import BACKBONES, build_model, load_weights
+from hvd_megdet.model import BACKBONES, build_model, load_weights, use_channels_last
 
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 TINY = dict(backbone="resnet_tiny", anchor_sizes=(16, 32, 64, 128, 256))
@@ -80,6 +80,26 @@ def test_train_step_gives_finite_losses_and_gradients(norm):
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.backbone.body.conv1.weight.grad.abs().sum() > 0
+
+
+def test_channels_last_activations_with_contiguous_parameters_and_gradients():
+    """Horovod refuses non-contiguous tensors: only the activations may be channels_last."""
+    torch.manual_seed(0)
+    reference = build_model(4, norm="bn", **TINY)
+    model = use_channels_last(build_model(4, norm="bn", **TINY))
+    model.load_state_dict(reference.state_dict())
+    seen = []
+    model.backbone.body.layer1.register_forward_hook(lambda m, args, out: seen.append(out))
+    images, targets = _batch()
+    torch.manual_seed(1)  # the same proposal sampling in both
+    losses = model(images, targets)
+    torch.manual_seed(1)
+    expected = reference(images, targets)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    for k in expected:
+        torch.testing.assert_close(losses[k], expected[k], rtol=1e-2, atol=1e-3)  # conv sums reassociate
+    sum(losses.values()).backward()
+    assert all(p.is_contiguous() and p.grad.is_contiguous() for p in model.parameters())
 
 
 def test_frozen_stages_keep_weights_and_bn_statistics():

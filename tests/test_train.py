@@ -67,9 +67,10 @@ def test_two_ranks_train_in_lockstep_with_cgbn(shapes, tmp_path):
 
 
 def test_horovodrun_command_line_and_evaluate(shapes, tmp_path):
-    """The documented commands: train under horovodrun, then evaluate the checkpoint alone."""
+    """The documented commands: train under horovodrun, then evaluate the checkpoint alone (channels_last)."""
     out = tmp_path / "cli"
-    args = overrides(shapes, out, **{"solver.max_iter": 3, "checkpoint_period": 100, "model.norm": "bn"})
+    args = overrides(shapes, out, **{"solver.max_iter": 3, "checkpoint_period": 100, "model.norm": "bn",
+                                     "channels_last": "true"})
     proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.train", "--config", "configs/demo_shapes.yaml", *args],
                       timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -78,7 +79,8 @@ def test_horovodrun_command_line_and_evaluate(shapes, tmp_path):
     assert ckpt.is_file()
     eval_out = tmp_path / "eval_only"
     proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.evaluate", "--config", "configs/demo_shapes.yaml",
-                          *overrides(shapes, eval_out, **{"model.norm": "bn", "model.weights": ckpt})],
+                          *overrides(shapes, eval_out, **{"model.norm": "bn", "model.weights": ckpt,
+                                                          "channels_last": "true"})],
                       timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert json.loads((eval_out / "eval" / "latest.json").read_text())["iteration"] == 3

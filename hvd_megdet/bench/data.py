@@ -3,11 +3,14 @@
     python -m hvd_megdet.bench.data [--images 64] [--rounds 3] [--workers 0] [--json OUT]
 
 Generates --images COCO-like 640x480 JPEGs (smooth-noise background, 3-8 filled rectangles and discs, JPEG
-quality 90) and their COCO JSON in a temporary directory, then times, image by image, two pipelines that
-produce the same thing, a float CHW image in [0, 1] resized to short side 800 / long side <= 1333 (here
-1067x800; torchvision floors to 1066) with its boxes, flipped with probability 0.5:
+quality 90) and their COCO JSON in a temporary directory, then times, image by image, pipelines that
+resize to short side 800 / long side <= 1333 (here 1067x800; torchvision floors to 1066) and flip with
+probability 0.5, the image with its boxes:
   - hvd_megdet: CocoDetection + build_transforms(True, [800], 1333) (cv2 decode, albumentations resize and
-    flip); the model then only normalizes.
+    flip), returning a uint8 CHW image that `engine.to_device` turns into float [0, 1] on the device; the
+    model then only normalizes.
+  - hvd_megdet_float32: the same, converting to float32 [0, 1] in the loader (hvd_megdet before the uint8
+    change), to show what the transfer of 4x the bytes costs.
   - torchvision: references/detection/presets.py DetectionPresetTrain(data_augmentation="hflip") with the
     v2 API (torchvision CocoDetection + wrap_dataset_for_transforms_v2, PIL decode, RandomHorizontalFlip,
     ToImage, ToDtype(float, scale=True), SanitizeBoundingBoxes, ToPureTensor), then the resize that
@@ -15,8 +18,9 @@ produce the same thing, a float CHW image in [0, 1] resized to short side 800 / 
     bilinear interpolate of the float image, boxes scaled), included because our pipeline does it in the
     loader and the model skips it: both sides then cost the same work.
 Per worker: one process, torch at 1 thread (what a DataLoader worker gets); the pipelines take turns every
---chunk images for --rounds rounds, so load changes hit both alike; images/s is total images / total time
-per pipeline. --workers K > 0 also times a DataLoader with K workers per pipeline (batch 2, the same files).
+--chunk images for --rounds rounds, so load changes hit all alike; images/s is total images / total time
+per pipeline. --workers K > 0 also times a DataLoader with K workers per pipeline (batch 2, the same
+files), up to float images in the main process: each batch goes through `engine.to_device` (CPU here).
 Prints a table and writes JSON.
 """
 import argparse
@@ -103,12 +107,27 @@ class TorchvisionReference:
         return self.resize(image, target)
 
 
+class Float32Images:
+    """`dataset` with its uint8 images converted to float32 [0, 1] in the loader."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, target = self.dataset[i]
+        return image.float().div_(255), target
+
+
 def pipelines(image_dir, ann_file):
-    """{name: dataset} of the two pipelines on the same files."""
+    """{name: dataset} of the pipelines on the same files."""
     from hvd_megdet.data import CocoDetection, build_transforms
 
     ours = CocoDetection(image_dir, ann_file, transforms=build_transforms(True, [800], 1333))
-    return {"hvd_megdet": ours, "torchvision": TorchvisionReference(image_dir, ann_file)}
+    return {"hvd_megdet": ours, "hvd_megdet_float32": Float32Images(ours),
+            "torchvision": TorchvisionReference(image_dir, ann_file)}
 
 
 def time_per_worker(datasets, rounds, chunk):
@@ -128,19 +147,22 @@ def time_per_worker(datasets, rounds, chunk):
 
 
 def time_loaders(datasets, workers, rounds):
-    """{name: images/s} through a DataLoader with `workers` workers (batch 2), the pipelines alternating
-    per pass."""
+    """{name: images/s} through a DataLoader with `workers` workers (batch 2) and `engine.to_device` on the
+    CPU, the pipelines taking turns per pass (the starting one rotating)."""
+    import torch
     from torch.utils.data import DataLoader
 
     from hvd_megdet.data import collate
+    from hvd_megdet.engine import to_device
 
+    names = list(datasets)
     spent = {name: 0.0 for name in datasets}
     for rnd in range(rounds):
-        for name in (list(datasets) if rnd % 2 == 0 else list(datasets)[::-1]):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
             loader = DataLoader(datasets[name], batch_size=2, num_workers=workers, collate_fn=collate)
             start = time.perf_counter()
-            for _ in loader:
-                pass
+            for images, targets in loader:
+                to_device(images, targets, torch.device("cpu"))
             spent[name] += time.perf_counter() - start
     return {name: rounds * len(ds) / spent[name] for name, ds in datasets.items()}
 

@@ -65,7 +65,7 @@ class CocoDetection(Dataset):
     keep_empty: keep images without a usable box (for validation: COCO evaluates every image); False drops
         them (training default of torchvision and detectron2).
 
-    `dataset[i]` -> (image float32 [3, H, W] in [0, 1] RGB, target) with target "boxes" float32 [N, 4] xyxy
+    `dataset[i]` -> (image uint8 [3, H, W] RGB, target) with target "boxes" float32 [N, 4] xyxy
     in the returned image's pixels, "labels" int64 [N] in 1..K, "image_id" (COCO id, int), "orig_size"
     (h0, w0) on disk and "size" (h, w) returned. Images are decoded in their stored orientation (EXIF
     orientation ignored, as torchvision's PIL loading does): the JSON's width/height must match the decoded

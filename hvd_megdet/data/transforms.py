@@ -2,10 +2,12 @@
 
 A transform is a callable `(image, target) -> (image, target)` as in torchvision's references/detection:
 `image` is a uint8 HWC RGB numpy array, `target` a dict whose "boxes" (float32 [N, 4] xyxy pixels) and
-"labels" (int64 [N]) are transformed together; other keys pass through unchanged. Conversion to a float
+"labels" (int64 [N]) are transformed together; other keys pass through unchanged. Conversion to a uint8 CHW
 tensor (`image_to_tensor`) is the dataset's last step, so a dataset without transforms returns the same
-types. There is no normalization here: the model's GeneralizedRCNNTransform normalizes, and it does not
-resize again, so this resize is the only one.
+types. Images stay uint8 until `engine.to_device` makes them float on the training device: a float32 image
+is 4x the bytes through the loader workers' shared memory, which limited the loader (docs/performance.md).
+There is no normalization here: the model's GeneralizedRCNNTransform normalizes, and it does not resize
+again, so this resize is the only one.
 
 Randomness comes from one numpy and one python generator shared by all steps; `reseed(seed)` replaces them,
 which the train loader does per sample so that augmentation is a pure function of the sample's position in
@@ -81,6 +83,5 @@ def build_transforms(train, min_sizes, max_size, flip_prob=0.5):
 
 
 def image_to_tensor(image):
-    """uint8 HWC RGB numpy array -> contiguous float32 CHW tensor in [0, 1]. In numpy: torch's
-    multi-threaded element-wise ops cost far more than they save on images this small."""
-    return torch.from_numpy(np.divide(image.transpose(2, 0, 1), np.float32(255), dtype=np.float32, order="C"))
+    """uint8 HWC RGB numpy array -> contiguous uint8 CHW tensor (`engine.to_device` scales it to [0, 1])."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
