@@ -17,10 +17,11 @@ Collectives per layer and training iteration (Horovod allreduce, op=Sum, of one 
   two_phase=True (the paper's algorithm, default): forward 2 ([sum x, count], then sum (x - mean)^2),
       backward 1 ([sum dy, sum dy * (x - mean)]).
   two_phase=False: forward 1 ([count, sum (x - s), sum (x - s)^2] in float64, s a per-channel shift equal on
-      all ranks), backward 1. One round trip fewer per layer, for an extra float64 pass over the input.
-      Prefer it when latency dominates (many ranks, small feature maps, slow network); prefer two_phase=True
-      when compute dominates (large feature maps, few ranks), or when running statistics may differ between
-      ranks (two_phase=False needs them equal, see `SyncBatchNorm`).
+      all ranks), backward 1. One round trip fewer per layer for the same local work, so it is the faster
+      of the two (docs/performance.md); it needs running statistics equal on all ranks (see `SyncBatchNorm`).
+Local work per layer is that of BatchNorm: a sum and a sum of squared deviations from the local mean, combined
+across ranks exactly (Chan et al.'s parallel variance), then torch's fused normalization. Each allreduce is
+started before the local work that does not depend on it (the deviations in phase 1, dy * scale backward).
 Evaluation with running statistics, a world of 1, a process set of size 1 and `LOCAL` issue no collective.
 
 Contract, as for any Horovod collective: every rank of a process set runs the same SyncBatchNorm layers in the
@@ -46,10 +47,14 @@ _BATCHNORM_DIMS = ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5)
 _BATCHNORM_BY_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
-def _allreduce_sum(tensor, name, process_set):
-    # Horovod: sum per-channel statistics over the ranks of the BN group, in place; the stable name keys
-    # Horovod's response cache, so a layer's collective is negotiated once and never mixed with another's.
-    handle = hvd.allreduce_async_(tensor, op=hvd.Sum, name=name, process_set=process_set)
+def _allreduce_start(tensor, name, process_set):
+    """Horovod: start summing per-channel statistics over the ranks of the BN group, in place; the stable
+    name keys Horovod's response cache, so a layer's collective is negotiated once and never mixed with
+    another's. Returns the handle for `_allreduce_wait`; the caller does local work in between."""
+    return hvd.allreduce_async_(tensor, op=hvd.Sum, name=name, process_set=process_set)
+
+
+def _allreduce_wait(handle):
     # hvd.synchronize() busy-waits (sched_yield) for Horovod's background thread; where ranks share CPU cores
     # that spinning takes the core the background thread needs. Sleeping between polls costs at most
     # ~_POLL_SECONDS of latency and measured several times faster per small allreduce at 2 ranks on 2 cores.
@@ -77,21 +82,32 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dims, shape = _layout(x)
         local_count = x.numel() // channels
 
+        # Local per-channel sum and sum of squared deviations from the local mean (two passes over x, as
+        # BatchNorm's own statistics). Rank statistics then combine exactly (Chan et al.'s parallel variance):
+        # sum (x - c)^2 over a rank = m2 + n * (local_mean - c)^2 for any per-channel c.
+        xs = x.to(stat_dtype)
+        sum_x = xs.sum(dims)
         if two_phase:
-            xs = x.to(stat_dtype)
-            stats = torch.cat([xs.sum(dims), xs.new_tensor([local_count])])
-            stats = _allreduce_sum(stats, f"{name}.sum", process_set)
+            # Phase 1 (global mean) is in flight while the local deviations are summed.
+            handle = _allreduce_start(torch.cat([sum_x, sum_x.new_tensor([local_count])]), f"{name}.sum",
+                                      process_set)
+            local_mean = sum_x / max(local_count, 1)
+            m2 = (xs - local_mean.view(shape)).square_().sum(dims)
+            stats = _allreduce_wait(handle)
             count = _global_count(stats[channels], name)
             mean = stats[:channels] / max(count, 1)
-            xc = xs - mean.view(shape)
-            var = _allreduce_sum((xc * xc).sum(dims), f"{name}.sqdev", process_set) / max(count, 1)
+            # Phase 2: sum over the group of the squared deviations from the global mean.
+            sqdev = m2 + local_count * (local_mean - mean).square()
+            var = _allreduce_wait(_allreduce_start(sqdev, f"{name}.sqdev", process_set)) / max(count, 1)
         else:
-            # One-pass moments around a shift s equal on all ranks, in float64 (x - s promotes to it): the
-            # cancellation in E[(x-s)^2] - E[x-s]^2 is then harmless unless |mean - s| exceeds the std by ~1e6.
+            local_mean = sum_x / max(local_count, 1)
+            m2 = (xs - local_mean.view(shape)).square_().sum(dims)
+            # One allreduce of float64 moments around a shift s equal on all ranks: the cancellation in
+            # E[(x-s)^2] - E[x-s]^2 is then harmless unless |mean - s| exceeds the std by ~1e6.
             shift = (running_mean if running_mean is not None else x.new_zeros(channels)).to(torch.float64)
-            d = x - shift.view(shape)
-            moments = torch.cat([d.new_tensor([local_count]), d.sum(dims), (d * d).sum(dims)])
-            moments = _allreduce_sum(moments, f"{name}.moments", process_set)
+            d = local_mean.to(torch.float64) - shift
+            moments = torch.cat([d.new_tensor([local_count]), local_count * d, m2 + local_count * d * d])
+            moments = _allreduce_wait(_allreduce_start(moments, f"{name}.moments", process_set))
             count = _global_count(moments[0], name)
             mean_d = moments[1:channels + 1] / max(count, 1)
             var = (moments[channels + 1:] / max(count, 1) - mean_d * mean_d).clamp_(min=0).to(stat_dtype)
@@ -121,14 +137,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # x-hat depends on every rank's x through mean and var: one allreduce of [sum dy, sum dy*xhat].
-            g = _allreduce_sum(torch.cat([sum_dy, sum_dy_xc]), f"{ctx.name}.grad", ctx.process_set)
-            mean_dy, mean_dy_xc = g[:channels] / ctx.count, g[channels:] / ctx.count
+            # x-hat depends on every rank's x through mean and var: one allreduce of [sum dy, sum dy*xhat],
+            # in flight while the local term of dx is computed.
+            handle = _allreduce_start(torch.cat([sum_dy, sum_dy_xc]), f"{ctx.name}.grad", ctx.process_set)
             scale = invstd if weight is None else invstd * weight.to(stat_dtype)
+            dy_scaled = gy * scale.view(shape)
+            g = _allreduce_wait(handle)
+            mean_dy, mean_dy_xc = g[:channels] / ctx.count, g[channels:] / ctx.count
             # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), as per-channel coefficients of xc and dy;
             # starting from xc gives grad_x the memory format of x.
             c_xc, c_1 = -scale * invstd * invstd * mean_dy_xc, -scale * mean_dy
-            grad_x = xc.mul_(c_xc.view(shape)).add_(c_1.view(shape)).add_(gy * scale.view(shape)).to(x.dtype)
+            grad_x = xc.mul_(c_xc.view(shape)).add_(c_1.view(shape)).add_(dy_scaled).to(x.dtype)
 
         # Weight and bias gradients stay local: the optimizer's allreduce combines them like any gradient.
         grad_w = (sum_dy_xc * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None

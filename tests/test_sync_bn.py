@@ -48,12 +48,12 @@ def _pair(dim, channels, dtype=torch.float64, seed=0, **bn_kwargs):
     return sbn.to(param_dtype), ref.to(param_dtype)
 
 
-def _batch(sizes, channels, spatial, seed):
-    """Global input and upstream gradient (float64) for per-rank batch sizes; channel means far from 0."""
+def _batch(sizes, channels, spatial, seed, shift=0.0):
+    """Global input and upstream gradient (float64) for per-rank batch sizes; channel means 3 + c + shift, std 2."""
     gen = torch.Generator().manual_seed(seed)
     shape = (sum(sizes), channels, *spatial)
     offset = torch.arange(channels, dtype=torch.float64).view(1, channels, *[1] * len(spatial))
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3 + offset
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3 + shift + offset
     return x, torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
@@ -258,10 +258,25 @@ def _semantics():
                 sbn, ref = _pair(2 + len(spatial), 3, dtype, two_phase=two_phase)
                 _check_case(errors, counts, f"channels_last{len(spatial) + 2}d/{two_phase}/{dtype}", sbn, ref,
                             spatial, _sizes("uneven", size), dtype, rank, memory_format=fmt)
+        flags[f"far_mean_within_4x_batchnorm/{two_phase}"] = _far_mean_error_ratio(rank, size, two_phase) < 4
         flags[f"count_one_raises/{two_phase}"] = _count_one_raises(rank, size, two_phase)
         flags[f"gradcheck/{two_phase}"] = _gradcheck(rank, size, two_phase)
         errors.update(_train_net(rank, size, two_phase))
     return errors, counts, flags
+
+
+def _far_mean_error_ratio(rank, size, two_phase):
+    """Output error (vs float64) of a float32 SyncBatchNorm on inputs whose means are 1000x their std, over
+    nn.BatchNorm2d's own float32 error: statistics must not cancel (E[x^2] - E[x]^2 in float32 would be
+    ~1e3x worse than BatchNorm)."""
+    sizes = _sizes("uneven", size)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x, _ = _batch(sizes, 3, (16, 16), seed=5, shift=2000.0)
+    sbn, ref = _pair(4, 3, two_phase=two_phase)
+    truth = ref(x)[lo:hi]
+    ours = sbn.float()(x[lo:hi].float())
+    theirs = copy.deepcopy(ref).float()(x.float())[lo:hi]
+    return _err(ours, truth) / _err(theirs, truth)
 
 
 def _count_one_raises(rank, size, two_phase):
@@ -469,6 +484,12 @@ def test_half_precision_uses_float32_statistics(semantics):
 
 
 @pytest.mark.multirank
+def test_float32_statistics_hold_for_means_far_from_zero(semantics):
+    for rank, (_, _, flags) in enumerate(semantics[1]):
+        checks = {k: v for k, v in flags.items() if k.startswith("far_mean")}
+        assert len(checks) == 2 and all(checks.values()), f"rank {rank}: {checks}"
+
+
 def test_channels_last_is_preserved(semantics):
     _assert_errors(semantics[1], "channels_last")
 
