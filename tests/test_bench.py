@@ -1,12 +1,13 @@
 """The benchmarks' pure parts: summaries, tables, the scaling model on hand-computed numbers, and the data
 benchmark's two pipelines producing the same thing (no timing is asserted)."""
+import json
 import math
 
 import pytest
 import torch
 
 from hvd_megdet.bench import data as bench_data
-from hvd_megdet.bench import scaling, train_iter
+from hvd_megdet.bench import knobs, scaling, train_iter
 from hvd_megdet.engine import to_device
 
 
@@ -96,3 +97,24 @@ def test_data_pipelines_produce_the_same_sizes(tmp_path):
         assert len(t_ours["boxes"]) == len(t_ref["boxes"]) > 0
         # both in pixels of the resized image
         assert float(t_ours["boxes"].max()) <= 1067 and float(t_ref["boxes"].max()) <= 1067
+
+
+def test_knobs_summary_is_relative_to_horovods_defaults():
+    runs = {(0.1, 1024): [{"allreduce_us": 300.0, "cgbn_ms": 3.0, "compute_ms": 2.0},
+                          {"allreduce_us": 500.0, "cgbn_ms": 5.0, "compute_ms": 4.0}],
+            knobs.DEFAULT: [{"allreduce_us": 1000.0, "cgbn_ms": 8.0, "compute_ms": 2.0}]}
+    summary = knobs.summarize(runs)
+    assert summary[(0.1, 1024)]["allreduce_us"] == 400.0 and summary[(0.1, 1024)]["compute_ms"] == 3.0
+    assert summary[(0.1, 1024)]["allreduce_us_vs_default"] == pytest.approx(0.4)
+    assert summary[(0.1, 1024)]["compute_ms_vs_default"] == pytest.approx(1.5)
+    assert summary[knobs.DEFAULT]["cgbn_ms_vs_default"] == 1.0
+    assert "| 0.1 | 1024 | 400 | 0.40 | 4.00 | 0.50 | 3.00 | 1.50 |" in knobs.format_table(summary, {"np": 2})
+
+
+@pytest.mark.multirank
+def test_knobs_probe_runs_under_horovodrun(tmp_path, capsys):
+    knobs.main(["--cycle-ms", "2", "--cache", "16", "--rounds", "1", "--iters", "10", "--timeout", "120",
+                "--json", str(tmp_path / "knobs.json")])
+    assert "| 2 | 16 |" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "knobs.json").read_text())["runs"]["2.0ms/16"]
+    assert set(row) == set(knobs.COLUMNS) and all(v > 0 for v in row.values())
