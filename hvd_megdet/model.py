@@ -21,15 +21,17 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, resnet34, resnet50, resnet101
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from hvd_megdet.checkpoint import mismatched_keys
 
@@ -71,6 +73,49 @@ BACKBONES = {
     "resnet50": (partial(resnet50, weights=None), (256, 512, 1024, 2048), 256, 1024),
     "resnet101": (partial(resnet101, weights=None), (256, 512, 1024, 2048), 256, 1024),
 }
+
+
+def _conv_norm(blocks, inputs):
+    """Each block (Sequential: conv, then optionally a norm) on its input, with the norms of all blocks run
+    together: with CGBN (`SyncBatchNorm.forward_together`) their statistics share each collective."""
+    outputs = [block[0](x) for block, x in zip(blocks, inputs)]
+    norms = [block[1] for block in blocks if len(block) > 1]
+    if not norms:
+        return outputs
+    together = getattr(type(norms[0]), "forward_together", None)
+    return together(norms, outputs) if together else [norm(x) for norm, x in zip(norms, outputs)]
+
+
+class LevelsTogetherFPN(FeaturePyramidNetwork):
+    """torchvision's FeaturePyramidNetwork computed in an order that lets the levels' norms run together:
+    every lateral conv, their norms; the top-down sums; every output conv, their norms. Same outputs; with
+    CGBN the levels share each collective, so an FPN of 4 levels synchronizes 2 times instead of 8."""
+
+    def forward(self, x):
+        names, features = list(x.keys()), list(x.values())
+        laterals = _conv_norm(self.inner_blocks, features)
+        merged = [laterals[-1]]
+        for lateral in reversed(laterals[:-1]):
+            merged.insert(0, lateral + F.interpolate(merged[0], size=lateral.shape[-2:], mode="nearest"))
+        results = _conv_norm(self.layer_blocks, merged)
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, features, names)
+        return OrderedDict(zip(names, results))
+
+
+class BackboneWithFPN(nn.Module):
+    """torchvision's BackboneWithFPN (the same submodules, state-dict keys and initialisation) on a
+    `LevelsTogetherFPN` with a max-pooled extra level (P6)."""
+
+    def __init__(self, body, return_layers, in_channels_list, out_channels, norm_layer=None):
+        super().__init__()
+        self.body = IntermediateLayerGetter(body, return_layers=return_layers)
+        self.fpn = LevelsTogetherFPN(in_channels_list, out_channels, extra_blocks=LastLevelMaxPool(),
+                                     norm_layer=norm_layer)
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        return self.fpn(self.body(x))
 
 
 class PreResizedTransform(GeneralizedRCNNTransform):

@@ -22,7 +22,9 @@ Collectives per layer and training iteration (Horovod allreduce, op=Sum, of one 
 Local work per layer is that of BatchNorm: a sum and a sum of squared deviations from the local mean, combined
 across ranks exactly (Chan et al.'s parallel variance), then torch's fused normalization. Each allreduce is
 started before the local work that does not depend on it (the deviations in phase 1, dy * scale backward).
-Evaluation with running statistics, a world of 1, a process set of size 1 and `LOCAL` issue no collective.
+`SyncBatchNorm.forward_together(layers, inputs)` runs independent layers (an FPN's levels) with fused
+statistics: one set of these collectives for all of them. Evaluation with running statistics, a world of 1, a
+process set of size 1 and `LOCAL` issue no collective.
 
 Contract, as for any Horovod collective: every rank of a process set runs the same SyncBatchNorm layers in the
 same order, forward and backward, including ranks whose batch is empty. Collectives are named after the
@@ -69,103 +71,127 @@ def _layout(x):
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode BN of a local batch with statistics of the whole process set (see the module docstring).
+    """Training-mode BN of local batches with statistics of the whole process set (see the module docstring),
+    for one layer or several independent ones at once: their statistics travel in the same allreduces.
 
-    x: (N, C, *) of any float dtype, N may be 0. Statistics are float32 (float64 for float64 input); the
-    output has x's dtype and memory format. Updates running_mean/running_var in place when given.
+    apply(layers, process_set, name, two_phase, *xs, *weights, *biases): `layers` holds one (running_mean,
+    running_var, factor, eps) per x, updated in place when the running statistics are given. Each x is
+    (N, C, *) with N possibly 0, all xs of one float dtype. Statistics are float32 (float64 for float64
+    input); each output has its x's dtype and memory format. Returns the tuple of outputs.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, process_set, name, two_phase):
-        stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        channels = x.shape[1]
-        dims, shape = _layout(x)
-        local_count = x.numel() // channels
+    def forward(ctx, layers, process_set, name, two_phase, *tensors):
+        n = len(layers)
+        xs, weights, biases = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        stat_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+        channels = [x.shape[1] for x in xs]
+        local_counts = [x.numel() // c for x, c in zip(xs, channels)]
 
         # Local per-channel sum and sum of squared deviations from the local mean (two passes over x, as
         # BatchNorm's own statistics). Rank statistics then combine exactly (Chan et al.'s parallel variance):
         # sum (x - c)^2 over a rank = m2 + n * (local_mean - c)^2 for any per-channel c.
-        xs = x.to(stat_dtype)
-        sum_x = xs.sum(dims)
+        xss = [x.to(stat_dtype) for x in xs]
+        sums = [xs_.sum(_layout(xs_)[0]) for xs_ in xss]
+        local_means = [s_ / max(k, 1) for s_, k in zip(sums, local_counts)]
+
+        def local_m2():
+            return [(xs_ - m.view(_layout(xs_)[1])).square_().sum(_layout(xs_)[0]) for xs_, m in zip(xss, local_means)]
+
         if two_phase:
-            # Phase 1 (global mean) is in flight while the local deviations are summed.
-            handle = _allreduce_start(torch.cat([sum_x, sum_x.new_tensor([local_count])]), f"{name}.sum",
+            # Phase 1 (global means) is in flight while the local deviations are summed.
+            handle = _allreduce_start(torch.cat([*sums, sums[0].new_tensor(local_counts)]), f"{name}.sum",
                                       process_set)
-            local_mean = sum_x / max(local_count, 1)
-            m2 = (xs - local_mean.view(shape)).square_().sum(dims)
+            m2 = local_m2()
             stats = _allreduce_wait(handle)
-            count = _global_count(stats[channels], name)
-            mean = stats[:channels] / max(count, 1)
-            # Phase 2: sum over the group of the squared deviations from the global mean.
-            sqdev = m2 + local_count * (local_mean - mean).square()
-            var = _allreduce_wait(_allreduce_start(sqdev, f"{name}.sqdev", process_set)) / max(count, 1)
+            counts = _global_counts(stats[-n:], name)
+            means = [s_ / max(k, 1) for s_, k in zip(stats[:-n].split(channels), counts)]
+            # Phase 2: per layer, the sum over the group of the squared deviations from the global mean.
+            sqdev = torch.cat([q + k * (lm - m).square() for q, k, lm, m in zip(m2, local_counts, local_means, means)])
+            sqdev = _allreduce_wait(_allreduce_start(sqdev, f"{name}.sqdev", process_set))
+            variances = [q / max(k, 1) for q, k in zip(sqdev.split(channels), counts)]
         else:
-            local_mean = sum_x / max(local_count, 1)
-            m2 = (xs - local_mean.view(shape)).square_().sum(dims)
+            m2 = local_m2()
             # One allreduce of float64 moments around a shift s equal on all ranks: the cancellation in
             # E[(x-s)^2] - E[x-s]^2 is then harmless unless |mean - s| exceeds the std by ~1e6.
-            shift = (running_mean if running_mean is not None else x.new_zeros(channels)).to(torch.float64)
-            d = local_mean.to(torch.float64) - shift
-            moments = torch.cat([d.new_tensor([local_count]), local_count * d, m2 + local_count * d * d])
+            shifts = [(rm if rm is not None else x.new_zeros(c)).to(torch.float64)
+                      for (rm, _, _, _), x, c in zip(layers, xs, channels)]
+            ds = [lm.to(torch.float64) - s_ for lm, s_ in zip(local_means, shifts)]
+            moments = torch.cat([shifts[0].new_tensor(local_counts), *(k * d for k, d in zip(local_counts, ds)),
+                                 *(q + k * d * d for q, k, d in zip(m2, local_counts, ds))])
             moments = _allreduce_wait(_allreduce_start(moments, f"{name}.moments", process_set))
-            count = _global_count(moments[0], name)
-            mean_d = moments[1:channels + 1] / max(count, 1)
-            var = (moments[channels + 1:] / max(count, 1) - mean_d * mean_d).clamp_(min=0).to(stat_dtype)
-            mean = (shift + mean_d).to(stat_dtype)
+            counts = _global_counts(moments[:n], name)
+            first, second = moments[n:].split([sum(channels)] * 2)
+            means, variances = [], []
+            for s_, k, mean_d, sq in zip(shifts, counts, first.split(channels), second.split(channels)):
+                mean_d, sq = mean_d / max(k, 1), sq / max(k, 1)
+                variances.append((sq - mean_d * mean_d).clamp_(min=0).to(stat_dtype))
+                means.append((s_ + mean_d).to(stat_dtype))
 
-        if running_mean is not None and count > 0:
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), factor)
-                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+        with torch.no_grad():
+            for (running_mean, running_var, factor, _), mean, var, k in zip(layers, means, variances, counts):
+                if running_mean is not None and k > 0:
+                    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+                    running_var.lerp_((var * (k / (k - 1))).to(running_var.dtype), factor)
 
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.count, ctx.eps, ctx.process_set, ctx.name = max(count, 1), eps, process_set, name
+        ctx.save_for_backward(*xs, *weights, *means, *variances)
+        ctx.layers = n
+        ctx.counts = [max(k, 1) for k in counts]
+        ctx.eps = [eps for _, _, _, eps in layers]
+        ctx.process_set, ctx.name = process_set, name
         # Normalizing with the global statistics is BN in eval mode: torch's fused kernel, which keeps x's
         # dtype and memory format and takes float32 statistics and parameters for float16/bfloat16 x.
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        return tuple(F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
+                     for x, w, b, mean, var, eps in zip(xs, weights, biases, means, variances, ctx.eps))
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, mean, var = ctx.saved_tensors
-        stat_dtype, channels = mean.dtype, x.shape[1]
-        dims, shape = _layout(x)
-        invstd = torch.rsqrt(var + ctx.eps)
-        gy = grad_out.to(stat_dtype)
-        xc = x.to(stat_dtype) - mean.view(shape)
-        sum_dy = gy.sum(dims)
-        sum_dy_xc = (gy * xc).sum(dims)  # = sum dy * xhat / invstd
+    def backward(ctx, *grad_outs):
+        n = ctx.layers
+        saved = ctx.saved_tensors
+        xs, weights, means, variances = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
+        stat_dtype = means[0].dtype
+        invstds = [torch.rsqrt(var + eps) for var, eps in zip(variances, ctx.eps)]
+        gys = [g.to(stat_dtype) for g in grad_outs]
+        xcs = [x.to(stat_dtype) - m.view(_layout(x)[1]) for x, m in zip(xs, means)]
+        sum_dy = [gy.sum(_layout(gy)[0]) for gy in gys]
+        sum_dy_xc = [(gy * xc).sum(_layout(gy)[0]) for gy, xc in zip(gys, xcs)]  # = sum dy * xhat / invstd
 
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # x-hat depends on every rank's x through mean and var: one allreduce of [sum dy, sum dy*xhat],
-            # in flight while the local term of dx is computed.
-            handle = _allreduce_start(torch.cat([sum_dy, sum_dy_xc]), f"{ctx.name}.grad", ctx.process_set)
-            scale = invstd if weight is None else invstd * weight.to(stat_dtype)
-            dy_scaled = gy * scale.view(shape)
-            g = _allreduce_wait(handle)
-            mean_dy, mean_dy_xc = g[:channels] / ctx.count, g[channels:] / ctx.count
-            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), as per-channel coefficients of xc and dy;
-            # starting from xc gives grad_x the memory format of x.
-            c_xc, c_1 = -scale * invstd * invstd * mean_dy_xc, -scale * mean_dy
-            grad_x = xc.mul_(c_xc.view(shape)).add_(c_1.view(shape)).add_(dy_scaled).to(x.dtype)
+        grad_xs = [None] * n
+        if any(ctx.needs_input_grad[4:4 + n]):
+            # x-hat depends on every rank's x through mean and var: one allreduce of [sum dy, sum dy*xhat] of
+            # all layers, in flight while the local terms of dx are computed.
+            channels = [m.numel() for m in means]
+            handle = _allreduce_start(torch.cat([*sum_dy, *sum_dy_xc]), f"{ctx.name}.grad", ctx.process_set)
+            scales = [inv if w is None else inv * w.to(stat_dtype) for inv, w in zip(invstds, weights)]
+            dy_scaled = [gy * sc.view(_layout(gy)[1]) for gy, sc in zip(gys, scales)]
+            g_dy, g_dy_xc = _allreduce_wait(handle).split([sum(channels)] * 2)
+            for i, (k, dy, dy_xc) in enumerate(zip(ctx.counts, g_dy.split(channels), g_dy_xc.split(channels))):
+                if ctx.needs_input_grad[4 + i]:
+                    # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), as per-channel coefficients of
+                    # xc and dy; starting from xc gives grad_x the memory format of x.
+                    shape = _layout(xs[i])[1]
+                    c_xc, c_1 = -scales[i] * invstds[i] * invstds[i] * dy_xc / k, -scales[i] * dy / k
+                    grad_xs[i] = xcs[i].mul_(c_xc.view(shape)).add_(c_1.view(shape)).add_(dy_scaled[i]).to(xs[i].dtype)
 
         # Weight and bias gradients stay local: the optimizer's allreduce combines them like any gradient.
-        grad_w = (sum_dy_xc * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None  # affine: bias and weight both
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        grad_ws = [(sdx * inv).to(w.dtype) if ctx.needs_input_grad[4 + n + i] else None
+                   for i, (sdx, inv, w) in enumerate(zip(sum_dy_xc, invstds, weights))]
+        grad_bs = [sdy.to(w.dtype) if ctx.needs_input_grad[4 + 2 * n + i] else None  # affine: weight and bias
+                   for i, (sdy, w) in enumerate(zip(sum_dy, weights))]
+        return (None, None, None, None, *grad_xs, *grad_ws, *grad_bs)
 
 
-def _global_count(count, name):
-    """The allreduced element count per channel as a Python number. It travels with the statistics, in float32
-    for all but float64 inputs: exact up to 2**24, then rounded by at most 6e-8 relative, below float32's own
-    precision. 0 (every batch empty) is allowed: statistics are then divided by 1 instead of 0, so outputs
-    and gradients are empty or zero, as in torch."""
-    count = count.item()
-    # Same count on every rank, so every rank raises here together (no rank is left in a collective).
-    if count == 1:
+def _global_counts(counts, name):
+    """The allreduced element counts per channel, one per layer, as Python numbers. They travel with the
+    statistics, in float32 for all but float64 inputs: exact up to 2**24, then rounded by at most 6e-8
+    relative, below float32's own precision. 0 (every batch empty) is allowed: statistics are then divided
+    by 1 instead of 0, so outputs and gradients are empty or zero, as in torch."""
+    counts = counts.tolist()
+    # Same counts on every rank, so every rank raises here together (no rank is left in a collective).
+    if 1 in counts:
         raise ValueError(f"SyncBatchNorm {name}: expected more than 1 value per channel when training, "
                          f"got 1 over the whole process set")
-    return count
+    return counts
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -219,9 +245,39 @@ class SyncBatchNorm(_BatchNorm):
         return size
 
     def forward(self, input):
+        return self.forward_together([self], [input])[0]
+
+    @staticmethod
+    def forward_together(layers, inputs):
+        """`[layer(x) for layer, x in zip(layers, inputs)]` for SyncBatchNorm layers whose inputs do not depend
+        on each other's outputs (the levels of an FPN), with fused statistics: the layers that synchronize
+        over the same process set, with the same algorithm and input dtype, share each collective, so k layers
+        cost the round trips of one. Every rank must call it with the same layers in the same order."""
+        outputs, fused = [None] * len(layers), {}
+        for i, (layer, x) in enumerate(zip(layers, inputs)):
+            use_batch_stats, running_mean, running_var, factor = layer._start_batch(x)
+            if not use_batch_stats or layer._group_size() == 1:
+                outputs[i] = F.batch_norm(x, running_mean, running_var, layer.weight, layer.bias, use_batch_stats,
+                                          factor, layer.eps)
+                continue
+            process_set = hvd.global_process_set if layer.process_set is None else layer.process_set
+            fused.setdefault((id(process_set), layer.two_phase, x.dtype), (process_set, []))[1].append(
+                (i, (running_mean, running_var, factor, layer.eps)))
+        for (_, two_phase, _), (process_set, members) in fused.items():
+            index = [i for i, _ in members]
+            name = "+".join([layers[index[0]]._name] + [layers[i]._name.rsplit(".", 1)[1] for i in index[1:]])
+            results = _SyncBatchNormFunction.apply(
+                tuple(spec for _, spec in members), process_set, name, two_phase, *(inputs[i] for i in index),
+                *(layers[i].weight for i in index), *(layers[i].bias for i in index))
+            for i, out in zip(index, results):
+                outputs[i] = out
+        return outputs
+
+    def _start_batch(self, input):
+        """Check `input` and count the batch as torch's _BatchNorm.forward does; returns (use batch
+        statistics, running_mean, running_var, momentum factor) for F.batch_norm."""
         self._check_input_dim(input)
         self.input_dim = input.dim()
-        # Momentum and num_batches_tracked exactly as in torch's _BatchNorm.forward.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -229,13 +285,7 @@ class SyncBatchNorm(_BatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         running_mean = self.running_mean if not self.training or self.track_running_stats else None
         running_var = self.running_var if not self.training or self.track_running_stats else None
-
-        if not use_batch_stats or self._group_size() == 1:
-            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-                                factor, self.eps)
-        process_set = hvd.global_process_set if self.process_set is None else self.process_set
-        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, factor,
-                                            self.eps, process_set, self._name, self.two_phase)
+        return use_batch_stats, running_mean, running_var, factor
 
     def extra_repr(self):
         return f"{super().extra_repr()}, two_phase={self.two_phase}"

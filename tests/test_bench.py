@@ -46,7 +46,7 @@ def test_ring_and_small_allreduce():
 
 def test_iteration_time_hand_computed():
     # 16 GPUs on 2 nodes: inter-node ring at 1e9 B/s, 1e-5 s per hop; 3e8 bytes in fused buffers of 2e8 + 1e8.
-    t = scaling.iteration_time(16, compute_s=0.3, grad_bytes=3e8, bn_layers=10, allreduces_per_layer=3,
+    t = scaling.iteration_time(16, compute_s=0.3, grad_bytes=3e8, cgbn_syncs=10, allreduces_per_layer=3,
                                bw_intra=1e10, bw_inter=1e9, hop_intra=1e-6, hop_inter=1e-5, overhead_s=1e-3,
                                fusion_bytes=2e8, backward_fraction=0.5)
     grad = (30 * 1e-5 + 30 / 16 * 2e8 / 1e9) + (30 * 1e-5 + 30 / 16 * 1e8 / 1e9)
@@ -56,7 +56,7 @@ def test_iteration_time_hand_computed():
     assert t["cgbn"] == pytest.approx(cgbn)
     assert t["total"] == pytest.approx(0.3 + grad - 0.15 + cgbn)
     # BN groups of 8 inside a node: the intra-node hop and log2(8) = 3 levels
-    grouped = scaling.iteration_time(16, compute_s=0.3, grad_bytes=3e8, bn_layers=10, allreduces_per_layer=3,
+    grouped = scaling.iteration_time(16, compute_s=0.3, grad_bytes=3e8, cgbn_syncs=10, allreduces_per_layer=3,
                                      bw_intra=1e10, bw_inter=1e9, hop_intra=1e-6, hop_inter=1e-5,
                                      overhead_s=1e-3, bn_group=8, fusion_bytes=2e8, backward_fraction=0.5)
     assert grouped["cgbn"] == pytest.approx(10 * 3 * (1e-3 + 6e-6))
@@ -72,7 +72,7 @@ def test_scaling_table_and_paper():
 
 def test_r50_fpn_figures_match_the_model():
     counted = scaling.count_model()
-    assert counted["bn_layers"] == scaling.R50_FPN["bn_layers"]
+    assert counted["cgbn_syncs"] == scaling.R50_FPN["cgbn_syncs"]
     assert counted["params"] == pytest.approx(scaling.R50_FPN["params"], rel=1e-3)
 
 

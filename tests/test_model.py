@@ -1,5 +1,6 @@
 import importlib.util
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -100,6 +101,43 @@ def test_channels_last_activations_with_contiguous_parameters_and_gradients():
         torch.testing.assert_close(losses[k], expected[k], rtol=1e-2, atol=1e-3)  # conv sums reassociate
     sum(losses.values()).backward()
     assert all(p.is_contiguous() and p.grad.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm_layer", [None, nn.BatchNorm2d])
+def test_fpn_matches_torchvisions_in_keys_initialisation_and_outputs(norm_layer):
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN as TorchvisionBackboneWithFPN
+
+    from hvd_megdet.model import BackboneWithFPN, _tiny_resnet
+
+    body = _tiny_resnet(nn.BatchNorm2d)
+    args = (body, {f"layer{i + 1}": str(i) for i in range(4)}, [16, 32, 64, 128], 64)
+    torch.manual_seed(0)
+    ours = BackboneWithFPN(*args, norm_layer=norm_layer)
+    torch.manual_seed(0)
+    theirs = TorchvisionBackboneWithFPN(*args, norm_layer=norm_layer)
+    expected_state = theirs.state_dict()
+    assert list(ours.state_dict()) == list(expected_state)
+    assert all(torch.equal(v, expected_state[k]) for k, v in ours.state_dict().items())
+    x = torch.randn(2, 3, 96, 160)
+    out, expected = ours(x), theirs(x)  # train mode: BatchNorm statistics updated alike
+    assert list(out) == list(expected) == ["0", "1", "2", "3", "pool"]
+    for k in out:
+        torch.testing.assert_close(out[k], expected[k])
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, theirs.state_dict()[k])
+
+
+@pytest.mark.skipif(not HAS_SYNC_BN, reason="hvd_megdet.sync_bn / horovod not importable")
+def test_cgbn_fpn_normalizes_its_four_levels_together_twice():
+    from hvd_megdet.sync_bn import SyncBatchNorm
+
+    model = _build("cgbn", **TINY)
+    with mock.patch.object(SyncBatchNorm, "forward_together", wraps=SyncBatchNorm.forward_together) as together:
+        model.backbone(torch.randn(2, 3, 96, 128))
+    fpn_calls = [c.args[0] for c in together.call_args_list if len(c.args[0]) > 1]
+    assert [len(layers) for layers in fpn_calls] == [4, 4]
+    assert fpn_calls[0] == [block[1] for block in model.backbone.fpn.inner_blocks]
+    assert fpn_calls[1] == [block[1] for block in model.backbone.fpn.layer_blocks]
 
 
 def test_frozen_stages_keep_weights_and_bn_statistics():

@@ -405,6 +405,59 @@ def _cuda_semantics():
     return errors, counts, {}
 
 
+# Layers fused by forward_together: (input dims after N and C, channels, extra BatchNorm kwargs).
+FUSED = [((3, 4), 3, {}), ((5,), 4, {"momentum": None}), ((2, 3), 2, {"affine": False}),
+         ((), 5, {"track_running_stats": False})]
+
+
+def _fused(rank, size, two_phase, iters=2):
+    """forward_together on FUSED's four layers against nn.BatchNorm on each full batch: errors of outputs,
+    input gradients, weight/bias gradients summed over ranks and buffers, and allreduces per call."""
+    sizes = _sizes("uneven", size)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    pairs = [_pair(2 + len(spatial), c, seed=j, two_phase=two_phase, **kwargs)
+             for j, (spatial, c, kwargs) in enumerate(FUSED)]
+    errors, counts = {}, {}
+    for it in range(iters + 1):
+        mode = "eval" if it == iters else "train"
+        batches = [_batch(sizes, c, spatial, seed=10 * it + j) for j, (spatial, c, _) in enumerate(FUSED)]
+        xs = [x[lo:hi].clone().requires_grad_() for x, _ in batches]
+        with mock.patch.object(hvd, "allreduce_async_", wraps=hvd.allreduce_async_) as allreduce:
+            ys = SyncBatchNorm.forward_together([sbn.train(mode == "train") for sbn, _ in pairs], xs)
+            counts[f"fused/{two_phase}/torch.float64/{mode}/forward"] = allreduce.call_count
+            sum((y * g[lo:hi]).sum() for y, (_, g) in zip(ys, batches)).backward()
+            counts[f"fused/{two_phase}/torch.float64/{mode}/backward"] = allreduce.call_count
+        for j, ((sbn, ref), (x, g), y, x_local) in enumerate(zip(pairs, batches, ys, xs)):
+            xr = x.clone().requires_grad_()
+            yr = ref.train(mode == "train")(xr)
+            (yr * g).sum().backward()
+            key = f"fused/{two_phase}/torch.float64/layer{j}"
+            errors[f"{key}/output"] = max(errors.get(f"{key}/output", 0), _err(y, yr[lo:hi]))
+            errors[f"{key}/grad_input"] = max(errors.get(f"{key}/grad_input", 0), _err(x_local.grad, xr.grad[lo:hi]))
+            for name in ("weight", "bias") if sbn.affine else ():
+                total = hvd.allreduce(getattr(sbn, name).grad, op=hvd.Sum, name=f"fused.{key}.{name}.{it}")
+                errors[f"{key}/grad_{name}"] = _err(total, getattr(ref, name).grad)
+                getattr(sbn, name).grad, getattr(ref, name).grad = None, None
+            for name, buf in ref.named_buffers():
+                errors[f"{key}/{name}"] = _err(getattr(sbn, name), buf)
+    return errors, counts
+
+
+def _fused_battery():
+    """Rank-side: forward_together with both algorithms, then layers of mixed algorithms in one call."""
+    rank, size = _init()
+    errors, counts, flags = {}, {}, {}
+    for two_phase in (True, False):
+        e, c = _fused(rank, size, two_phase)
+        errors.update(e)
+        counts.update(c)
+    mixed = [SyncBatchNorm(3, two_phase=True), SyncBatchNorm(3, two_phase=False), SyncBatchNorm(3, two_phase=True)]
+    with mock.patch.object(hvd, "allreduce_async_", wraps=hvd.allreduce_async_) as allreduce:
+        SyncBatchNorm.forward_together(mixed, [torch.randn(2, 3, 4) for _ in mixed])
+        flags["mixed algorithms: one fused set per algorithm"] = allreduce.call_count == 2 + 1
+    return errors, counts, flags
+
+
 def _world_of_one():
     """Rank-side, np=1: an initialized world of 1 is nn.BatchNorm and issues no collective."""
     _init()
@@ -490,6 +543,7 @@ def test_float32_statistics_hold_for_means_far_from_zero(semantics):
         assert len(checks) == 2 and all(checks.values()), f"rank {rank}: {checks}"
 
 
+@pytest.mark.multirank
 def test_channels_last_is_preserved(semantics):
     _assert_errors(semantics[1], "channels_last")
 
@@ -507,6 +561,20 @@ def test_gradcheck_across_ranks_and_global_batch_of_one_raises(semantics):
 @pytest.mark.multirank
 def test_collectives_per_layer(semantics):
     _assert_counts(semantics[1], group_size=semantics[0])
+
+
+@pytest.mark.multirank
+def test_fused_layers_match_batchnorm_with_the_collectives_of_one_layer():
+    results = run_ranks(_fused_battery, np=2, timeout=180)
+    _assert_errors(results, "fused/")
+    _assert_flags(results)
+    # Per call, what one layer issues, whatever the number of layers; in eval mode too, because the
+    # layer without running statistics still normalizes with the group's batch statistics.
+    for rank, (_, counts, _) in enumerate(results):
+        for two_phase, forward in (("True", 2), ("False", 1)):
+            for mode in ("train", "eval"):
+                key = f"fused/{two_phase}/torch.float64/{mode}"
+                assert (counts[f"{key}/forward"], counts[f"{key}/backward"]) == (forward, forward + 1), rank
 
 
 @pytest.mark.multirank

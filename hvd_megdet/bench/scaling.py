@@ -9,8 +9,9 @@ The model (`iteration_time`) is a pure function:
   - gradient allreduce: ring, 2(n-1)/n x bytes / bus bandwidth + 2(n-1) x per-hop latency per fused
     buffer (HOROVOD_FUSION_THRESHOLD), overlapped with the backward pass: only what exceeds the backward
     time is exposed;
-  - CGBN: every BN layer blocks on `allreduces_per_layer` small allreduces per iteration (3 two_phase, 2
-    not), each costing Horovod's per-collective overhead plus a tree's 2 log2(n) hops.
+  - CGBN: every synchronization point (a BN layer, or the FPN levels' BN layers normalized together) blocks
+    on `allreduces_per_layer` small allreduces per iteration (3 two_phase, 2 not), each costing Horovod's
+    per-collective overhead plus a tree's 2 log2(n) hops.
 Scaling efficiency at n GPUs = t(8) / t(n) (per-GPU throughput against the paper's 8-GPU baseline).
 The scenarios' figures are published hardware numbers or stated assumptions (SCENARIOS); the Horovod
 per-collective overhead can come from `measure` (its smallest-tensor latency).
@@ -26,9 +27,10 @@ from pathlib import Path
 GPUS = (8, 16, 32, 64, 128)
 MB = 1024 * 1024
 
-# R50-FPN (hvd_megdet.model.build_model(81, "resnet50", norm="bn")): parameters and BN layers, counted by
-# `count_model` (53 in ResNet-50, 8 in the FPN, 4 in the conv box head).
-R50_FPN = {"params": 43.07e6, "bn_layers": 65}
+# R50-FPN (hvd_megdet.model.build_model(81, "resnet50", norm="cgbn")): parameters and CGBN synchronization
+# points per iteration, counted by `count_model`: 53 BN layers in ResNet-50, the FPN's 8 in 2 fused calls
+# (lateral and output levels), 4 in the conv box head.
+R50_FPN = {"params": 43.07e6, "cgbn_syncs": 59}
 
 # Per-GPU compute of one iteration (2 images, 800x1333, forward + backward + step) and the network. Sources:
 # compute: detectron2 MODEL_ZOO.md, faster_rcnn_R_50_FPN_1x: 0.210 s/iter on 8 V100 (allreduce included,
@@ -64,7 +66,7 @@ def small_allreduce_s(n, overhead_s, hop_s):
     return 0.0 if n == 1 else overhead_s + 2 * math.ceil(math.log2(n)) * hop_s
 
 
-def iteration_time(n, compute_s, grad_bytes, bn_layers, allreduces_per_layer, bw_intra, bw_inter, hop_intra,
+def iteration_time(n, compute_s, grad_bytes, cgbn_syncs, allreduces_per_layer, bw_intra, bw_inter, hop_intra,
                    hop_inter, overhead_s, bn_group=0, gpus_per_node=GPUS_PER_NODE, fusion_bytes=FUSION_BYTES,
                    backward_fraction=BACKWARD_FRACTION):
     """Seconds per iteration on n GPUs and its parts: {"compute", "grad_allreduce", "grad_exposed", "cgbn",
@@ -78,7 +80,7 @@ def iteration_time(n, compute_s, grad_bytes, bn_layers, allreduces_per_layer, bw
     grad = sum(ring_allreduce_s(n, min(fusion_bytes, grad_bytes - i * fusion_bytes), bw, hop) for i in range(buffers))
     exposed = max(0.0, grad - backward_fraction * compute_s)
     g = min(n, bn_group or n)
-    cgbn = bn_layers * allreduces_per_layer * small_allreduce_s(
+    cgbn = cgbn_syncs * allreduces_per_layer * small_allreduce_s(
         g, overhead_s, hop_inter if g > gpus_per_node else hop_intra)
     return {"compute": compute_s, "grad_allreduce": grad, "grad_exposed": exposed, "cgbn": cgbn,
             "total": compute_s + exposed + cgbn}
@@ -89,7 +91,7 @@ def scaling_table(scenario, model=R50_FPN, gpus=GPUS, allreduces_per_layer=3, bn
     "vs_compute" = compute / t(n) (against a step with no communication at all)}."""
     rows = []
     for n in gpus:
-        t = iteration_time(n, grad_bytes=4 * model["params"], bn_layers=model["bn_layers"],
+        t = iteration_time(n, grad_bytes=4 * model["params"], cgbn_syncs=model["cgbn_syncs"],
                            allreduces_per_layer=allreduces_per_layer, bn_group=bn_group, **scenario)
         rows.append({"gpus": n, **t, "images_per_s": 2 * n / t["total"], "vs_compute": t["compute"] / t["total"]})
     for row in rows:
@@ -103,14 +105,21 @@ def paper_efficiency(hours_small=33.0, gpus_small=8, hours_large=4.0, gpus_large
 
 
 def count_model(num_classes=81):
-    """{"params", "bn_layers"} of hvd_megdet's R50-FPN built with norm="bn"."""
-    from torch.nn.modules.batchnorm import _BatchNorm
+    """{"params", "cgbn_syncs"} of hvd_megdet's R50-FPN with norm="cgbn": CGBN's synchronization points are
+    counted as calls of SyncBatchNorm.forward_together (every CGBN layer goes through it; fused layers
+    share one call) in one forward pass of a small image, in a world of 1 (no collective is issued)."""
+    from unittest import mock
+
+    import torch
 
     from hvd_megdet.model import build_model
+    from hvd_megdet.sync_bn import SyncBatchNorm
 
-    model = build_model(num_classes, backbone="resnet50", norm="bn")
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "bn_layers": sum(isinstance(m, _BatchNorm) for m in model.modules())}
+    model = build_model(num_classes, backbone="resnet50", norm="cgbn").eval()
+    with mock.patch.object(SyncBatchNorm, "forward_together", wraps=SyncBatchNorm.forward_together) as calls, \
+            torch.no_grad():
+        model([torch.rand(3, 64, 64)])
+    return {"params": sum(p.numel() for p in model.parameters()), "cgbn_syncs": calls.call_count}
 
 
 def measure(iters, sizes=(1, 512, 64 * 1024, 1024 * 1024, 8 * 1024 * 1024)):
