@@ -10,6 +10,10 @@ FrozenBatchNorm, so that one argument sets the norm of backbone, FPN and box hea
                    statistics of each process's own images.
     norm="cgbn"    as "bn", then every BatchNorm2d becomes hvd_megdet.sync_bn's cross-GPU BatchNorm.
 
+With CGBN, norm layers whose inputs do not depend on each other (the FPN's levels; bn1 and the shortcut's norm
+of a downsampling ResNet block) normalize together, sharing each collective (`SyncBatchNorm.forward_together`):
+the network is torchvision's, computed in an order that allows it.
+
 Images reach the model already resized by the data pipeline (shortest side / max size, in loader workers),
 so the model's transform only normalizes (ImageNet mean/std) and pads to a multiple of 32; detections come
 out in the coordinates of the network input (`evaluation.to_coco_results` maps them back to the image).
@@ -23,13 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet18, resnet34, resnet50, resnet101
+from torchvision.models import ResNet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
@@ -38,6 +42,46 @@ from hvd_megdet.checkpoint import mismatched_keys
 NORMS = ("frozen", "bn", "cgbn")
 # The stages of a ResNet from the input on; `trainable_backbone_layers=k` trains the last k of them.
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
+def _norm_together(norms, inputs):
+    """`[norm(x) for ...]` for norm layers whose inputs do not depend on each other's outputs. Layers of a
+    class with `forward_together` (CGBN's SyncBatchNorm) run through it: their statistics share each
+    collective, one synchronization instead of len(norms)."""
+    together = getattr(type(norms[0]), "forward_together", None)
+    if together is not None and all(type(norm) is type(norms[0]) for norm in norms):
+        return together(norms, inputs)
+    return [norm(x) for norm, x in zip(norms, inputs)]
+
+
+def _first_norm_and_shortcut(block, x):
+    """(bn1(conv1(x)), shortcut(x)) of a torchvision ResNet block: both read the block's input, so a
+    downsampling shortcut's norm runs together with bn1."""
+    out = block.conv1(x)
+    if block.downsample is None:
+        return block.bn1(out), x
+    conv, norm = block.downsample  # torchvision's Sequential(conv1x1, norm_layer)
+    out, shortcut = _norm_together([block.bn1, norm], [out, conv(x)])
+    return out, shortcut
+
+
+class BasicBlockTogether(BasicBlock):
+    """torchvision's BasicBlock, its shortcut's norm run together with bn1 (same outputs and parameters)."""
+
+    def forward(self, x):
+        out, identity = _first_norm_and_shortcut(self, x)
+        out = self.bn2(self.conv2(self.relu(out)))
+        return self.relu(out + identity)
+
+
+class BottleneckTogether(Bottleneck):
+    """torchvision's Bottleneck, its shortcut's norm run together with bn1 (same outputs and parameters)."""
+
+    def forward(self, x):
+        out, identity = _first_norm_and_shortcut(self, x)
+        out = self.relu(self.bn2(self.conv2(self.relu(out))))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
 
 
 def _tiny_resnet(norm_layer, widths=(16, 32, 64, 128)):
@@ -55,7 +99,8 @@ def _tiny_resnet(norm_layer, widths=(16, 32, 64, 128)):
         downsample = None
         if stride != 1 or in_ch != out_ch:
             downsample = nn.Sequential(conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
-        layers[f"layer{i + 1}"] = nn.Sequential(BasicBlock(in_ch, out_ch, stride, downsample, norm_layer=norm_layer))
+        layers[f"layer{i + 1}"] = nn.Sequential(
+            BasicBlockTogether(in_ch, out_ch, stride, downsample, norm_layer=norm_layer))
         in_ch = out_ch
     body = nn.Sequential(layers)
     for m in body.modules():
@@ -65,25 +110,22 @@ def _tiny_resnet(norm_layer, widths=(16, 32, 64, 128)):
 
 
 # name -> (ResNet constructor taking norm_layer, output channels of layer1..layer4, FPN channels,
-#          box head representation size)
+#          box head representation size). torchvision's resnet18..101 are these ResNet(block, layers) calls.
 BACKBONES = {
     "resnet_tiny": (_tiny_resnet, (16, 32, 64, 128), 64, 256),
-    "resnet18": (partial(resnet18, weights=None), (64, 128, 256, 512), 256, 1024),
-    "resnet34": (partial(resnet34, weights=None), (64, 128, 256, 512), 256, 1024),
-    "resnet50": (partial(resnet50, weights=None), (256, 512, 1024, 2048), 256, 1024),
-    "resnet101": (partial(resnet101, weights=None), (256, 512, 1024, 2048), 256, 1024),
+    "resnet18": (partial(ResNet, BasicBlockTogether, [2, 2, 2, 2]), (64, 128, 256, 512), 256, 1024),
+    "resnet34": (partial(ResNet, BasicBlockTogether, [3, 4, 6, 3]), (64, 128, 256, 512), 256, 1024),
+    "resnet50": (partial(ResNet, BottleneckTogether, [3, 4, 6, 3]), (256, 512, 1024, 2048), 256, 1024),
+    "resnet101": (partial(ResNet, BottleneckTogether, [3, 4, 23, 3]), (256, 512, 1024, 2048), 256, 1024),
 }
 
 
 def _conv_norm(blocks, inputs):
     """Each block (Sequential: conv, then optionally a norm) on its input, with the norms of all blocks run
-    together: with CGBN (`SyncBatchNorm.forward_together`) their statistics share each collective."""
+    together (`_norm_together`)."""
     outputs = [block[0](x) for block, x in zip(blocks, inputs)]
     norms = [block[1] for block in blocks if len(block) > 1]
-    if not norms:
-        return outputs
-    together = getattr(type(norms[0]), "forward_together", None)
-    return together(norms, outputs) if together else [norm(x) for norm, x in zip(norms, outputs)]
+    return _norm_together(norms, outputs) if norms else outputs
 
 
 class LevelsTogetherFPN(FeaturePyramidNetwork):

@@ -5,6 +5,7 @@ from unittest import mock
 import pytest
 import torch
 from torch import nn
+from torchvision.models import resnet18, resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 from hvd_megdet.model import BACKBONES, build_model, load_weights, use_channels_last
@@ -127,17 +128,35 @@ def test_fpn_matches_torchvisions_in_keys_initialisation_and_outputs(norm_layer)
         torch.testing.assert_close(v, theirs.state_dict()[k])
 
 
+@pytest.mark.parametrize("name, reference", [("resnet18", resnet18), ("resnet50", resnet50)])
+def test_resnets_match_torchvisions_in_keys_initialisation_and_outputs(name, reference):
+    torch.manual_seed(0)
+    ours = BACKBONES[name][0](norm_layer=nn.BatchNorm2d)
+    torch.manual_seed(0)
+    theirs = reference(weights=None, norm_layer=nn.BatchNorm2d)
+    expected_state = theirs.state_dict()
+    assert list(ours.state_dict()) == list(expected_state)
+    assert all(torch.equal(v, expected_state[k]) for k, v in ours.state_dict().items())
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), theirs(x))  # train mode: BatchNorm statistics updated alike
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, theirs.state_dict()[k])
+
+
 @pytest.mark.skipif(not HAS_SYNC_BN, reason="hvd_megdet.sync_bn / horovod not importable")
-def test_cgbn_fpn_normalizes_its_four_levels_together_twice():
+def test_cgbn_norms_run_together_where_inputs_are_independent():
+    """FPN: the 4 lateral norms, then the 4 output norms; each downsampling block: bn1 with the shortcut's."""
     from hvd_megdet.sync_bn import SyncBatchNorm
 
     model = _build("cgbn", **TINY)
     with mock.patch.object(SyncBatchNorm, "forward_together", wraps=SyncBatchNorm.forward_together) as together:
         model.backbone(torch.randn(2, 3, 96, 128))
-    fpn_calls = [c.args[0] for c in together.call_args_list if len(c.args[0]) > 1]
-    assert [len(layers) for layers in fpn_calls] == [4, 4]
-    assert fpn_calls[0] == [block[1] for block in model.backbone.fpn.inner_blocks]
-    assert fpn_calls[1] == [block[1] for block in model.backbone.fpn.layer_blocks]
+    fused = [c.args[0] for c in together.call_args_list if len(c.args[0]) > 1]
+    body, fpn = model.backbone.body, model.backbone.fpn
+    blocks = [body[f"layer{i}"][0] for i in (2, 3, 4)]
+    assert fused == [[block.bn1, block.downsample[1]] for block in blocks] + [
+        [block[1] for block in fpn.inner_blocks], [block[1] for block in fpn.layer_blocks]]
+    assert len(together.call_args_list) == 20 - 9  # the backbone's 20 CGBN layers synchronize 11 times
 
 
 def test_frozen_stages_keep_weights_and_bn_statistics():
