@@ -118,3 +118,17 @@ def test_knobs_probe_runs_under_horovodrun(tmp_path, capsys):
     assert "| 2 | 16 |" in capsys.readouterr().out
     (row,) = json.loads((tmp_path / "knobs.json").read_text())["runs"]["2.0ms/16"]
     assert set(row) == set(knobs.COLUMNS) and all(v > 0 for v in row.values())
+
+
+def test_collectives_split_into_skew_and_latency_after_all_arrived():
+    # two ranks, two iterations of one layer: [name, start, end]
+    rank0 = [["sync_bn.0.sum", 1.0, 1.5], ["sync_bn.0.grad", 2.0, 2.2], ["sync_bn.0.sum", 3.0, 3.4],
+             ["sync_bn.0.grad", 4.0, 4.3]]
+    rank1 = [["sync_bn.0.sum", 1.2, 1.5], ["sync_bn.0.grad", 2.1, 2.2], ["sync_bn.0.sum", 3.0, 3.5],
+             ["sync_bn.0.grad", 4.3, 4.3]]
+    result = train_iter.summarize_collectives([rank0, rank1], iters=2)
+    assert result["sum"]["per_iteration"] == 1
+    assert result["sum"]["skew"] == pytest.approx(0.1)  # median of 0.2 and 0.0
+    assert result["sum"]["after_all"] == pytest.approx(0.4)  # median of 0.3 and 0.5
+    assert result["grad"]["skew"] == pytest.approx(0.2) and result["grad"]["after_all"] == pytest.approx(0.05)
+    assert "| sum | 1 | 100.00 | 400.00 |" in train_iter.format_collectives(result)

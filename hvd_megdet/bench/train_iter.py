@@ -20,10 +20,18 @@ Per iteration, from timestamps taken around engine.train_step's calls (nothing i
   optimizer   optimizer.step()
 "step" and "data" are medians over iterations of the slowest rank (what an iteration costs); the phases
 are medians of the mean over ranks (one rank's allreduce wait overlaps the other's backward, so maxima
-taken per phase would not add up). --trace DIR sets HOROVOD_TIMELINE before
-hvd.init (DIR/horovod_timeline.json, rank 0's view of every collective) and writes one torch.profiler trace
-per model of one extra iteration (DIR/torch_<norm>_rank0.json); both open in chrome://tracing or Perfetto.
-Rank 0 prints the table and writes JSON.
+taken per phase would not add up).
+
+A second table splits the cost of CGBN's allreduces (timed iterations of both cgbn models), from the times
+at which each rank starts and finishes waiting for each of them (sync_bn's _allreduce_start and
+_allreduce_wait, wrapped; perf_counter is CLOCK_MONOTONIC, comparable between the ranks of one host):
+  skew        last rank's start - first rank's start: time the first rank waits for the others to arrive
+  after all   last rank's end - last rank's start: Horovod's own latency once every rank has asked
+
+--trace DIR sets HOROVOD_TIMELINE before hvd.init (DIR/horovod_timeline.json, rank 0's view of every
+collective) and writes one torch.profiler trace per model of one extra iteration (DIR/torch_<norm>_rank0.json);
+both open in chrome://tracing or Perfetto.
+Rank 0 prints the tables and writes JSON.
 """
 import argparse
 import dataclasses
@@ -89,6 +97,45 @@ class _Clock:
                 "step": end - start}
 
 
+class _CollectiveLog:
+    """[name, start, end] of every CGBN allreduce while `recording`, from wrappers around sync_bn's
+    _allreduce_start / _allreduce_wait (module attributes, so sync_bn itself is unchanged)."""
+
+    def __init__(self):
+        from hvd_megdet import sync_bn
+
+        self.events, self.recording, self._pending = [], False, {}
+        start, wait = sync_bn._allreduce_start, sync_bn._allreduce_wait
+
+        def timed_start(tensor, name, process_set):
+            handle = start(tensor, name, process_set)
+            if self.recording:
+                self._pending[handle] = len(self.events)
+                self.events.append([name, time.perf_counter(), None])
+            return handle
+
+        def timed_wait(handle):
+            out = wait(handle)
+            if handle in self._pending:
+                self.events[self._pending.pop(handle)][2] = time.perf_counter()
+            return out
+
+        sync_bn._allreduce_start, sync_bn._allreduce_wait = timed_start, timed_wait
+
+
+def summarize_collectives(per_rank, iters):
+    """{kind (name suffix: sum, sqdev, moments, grad): {"per_iteration", "skew", "after_all"}} from every
+    rank's event list (the same collectives in the same order on every rank); medians in seconds."""
+    kinds = {}
+    for events in zip(*per_rank):
+        starts, ends = [e[1] for e in events], [e[2] for e in events]
+        row = kinds.setdefault(events[0][0].rsplit(".", 1)[1], {"skew": [], "after_all": []})
+        row["skew"].append(max(starts) - min(starts))
+        row["after_all"].append(max(ends) - max(starts))
+    return {kind: {"per_iteration": len(row["skew"]) / iters, "skew": statistics.median(row["skew"]),
+                   "after_all": statistics.median(row["after_all"])} for kind, row in kinds.items()}
+
+
 def summarize(per_rank):
     """Medians over iterations: of the slowest rank for "data" and "step", of the mean over ranks for phases.
 
@@ -118,6 +165,16 @@ def format_table(result, meta):
     for norm, row in result.items():
         cells = [f"{row[k] * 1e3:.1f}" for k in ("data", "step") + PHASES]
         lines.append(f"| {norm} | {row['total'] * 1e3:.1f} | {row['ratio_vs_bn']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_collectives(collectives):
+    """A markdown table of `summarize_collectives`'s result (milliseconds)."""
+    lines = ["| CGBN allreduce | per iteration (both cgbn models) | skew (ms) | after all arrived (ms) |",
+             "|---|---|---|---|"]
+    for kind, row in collectives.items():
+        lines.append(f"| {kind} | {row['per_iteration']:.0f} | {row['skew'] * 1e3:.2f} | "
+                     f"{row['after_all'] * 1e3:.2f} |")
     return "\n".join(lines)
 
 
@@ -165,7 +222,9 @@ def run(args):
         loader = iter(build_train_loader(train_set, cfg.solver.ims_per_gpu, dist.rank(), dist.size(), cfg.seed, 0))
 
         times = {"data": [], **{norm: [] for norm in NORMS}}
+        collectives = _CollectiveLog()
         for rnd in range(args.warmup + args.iters):
+            collectives.recording = rnd >= args.warmup
             start = time.perf_counter()
             images, targets = to_device(*next_batch(loader), torch.device("cpu"))
             data_time = time.perf_counter() - start
@@ -179,6 +238,7 @@ def run(args):
             if rnd >= args.warmup:
                 times["data"].append(data_time)
 
+        collectives.recording = False
         if args.trace:
             for norm in NORMS:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -187,19 +247,21 @@ def run(args):
                     prof.export_chrome_trace(str(args.trace / f"torch_{norm}_rank0.json"))
     # Horovod: every rank's timings to rank 0 (medians of the slowest rank).
     per_rank = dist.gather_object(times, name="bench_times")
+    events = dist.gather_object(collectives.events, name="bench_collectives")
     if not dist.is_main():
         return None
     load = os.getloadavg()
     meta = {"np": dist.size(), "ims_per_gpu": cfg.solver.ims_per_gpu, "iters": args.iters,
             "threads_per_rank": torch.get_num_threads(), "loadavg_1m": round(load[0], 1)}
-    return {"meta": meta, "result": summarize(per_rank)}
+    return {"meta": meta, "result": summarize(per_rank), "collectives": summarize_collectives(events, args.iters)}
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = run(args)
     if out is not None:
-        print(format_table(out["result"], out["meta"]), flush=True)
+        print(format_table(out["result"], out["meta"]), "", format_collectives(out["collectives"]), sep="\n",
+              flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(out, indent=2))
