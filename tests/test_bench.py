@@ -2,6 +2,8 @@
 benchmark's two pipelines producing the same thing (no timing is asserted)."""
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +134,16 @@ def test_collectives_split_into_skew_and_latency_after_all_arrived():
     assert result["sum"]["after_all"] == pytest.approx(0.4)  # median of 0.3 and 0.5
     assert result["grad"]["skew"] == pytest.approx(0.2) and result["grad"]["after_all"] == pytest.approx(0.05)
     assert "| sum | 1 | 100.00 | 400.00 |" in train_iter.format_collectives(result)
+
+
+def test_bench_ab_runs_the_command_on_each_tree_in_turn():
+    repo = Path(__file__).resolve().parents[1]
+    script = "import hvd_megdet, pathlib; print('tree', pathlib.Path(hvd_megdet.__file__).parents[1])"
+    proc = subprocess.run([str(repo / "scripts" / "bench_ab.sh"), "HEAD", "2", "python", "-c", script],
+                          capture_output=True, text=True, timeout=120, check=True)
+    trees = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("tree ")]
+    assert len(trees) == 4 and trees[1] == trees[3] == str(repo)
+    assert trees[0] != str(repo) and trees[2] != str(repo)  # a worktree of HEAD, removed at the end
+    assert not Path(trees[0]).exists()
+    assert [line.split(",")[0] for line in proc.stdout.splitlines() if line.startswith("==")] == \
+        ["== before (HEAD)", "== after (working tree)"] * 2
