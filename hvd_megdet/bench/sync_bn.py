@@ -6,7 +6,9 @@
 Shapes are per rank, N x C x H x W. The issue's detector feature maps (2x256x200x304, 2x64x400x608,
 2x1024x50x76) take seconds per layer on a 2-core CPU, so the default divides H and W by 4 (16x fewer
 elements); --full runs them as they are. In the same run, on the same shapes, it times:
-  - hvd_megdet SyncBatchNorm, two_phase=True and False (Horovod allreduce);
+  - hvd_megdet SyncBatchNorm, two_phase=True and False (Horovod allreduce); two_phase=True again with
+    Horovod's spinning wait instead of CGBN's sleep-poll, and with the allreduces replaced by the identity
+    ("arithmetic only": what CGBN's local work costs, against local BatchNorm);
   - local nn.BatchNorm2d (no synchronization: the floor);
   - naive sync BN, detectron2's approach: one torch.distributed all_reduce of [mean, mean of squares] forward
     and one backward (equal batch sizes only, biased running variance), on Gloo (CPU) or NCCL (GPU);
@@ -112,6 +114,7 @@ def _layers(device):
         "CGBN two_phase=True": lambda c: SyncBatchNorm(c, two_phase=True),
         "CGBN two_phase=False": lambda c: SyncBatchNorm(c, two_phase=False),
         "CGBN two_phase=True, spin wait": lambda c: _spin_waiting(SyncBatchNorm(c, two_phase=True)),
+        "CGBN two_phase=True, arithmetic only": lambda c: _without_collectives(SyncBatchNorm(c, two_phase=True)),
         "local nn.BatchNorm2d": nn.BatchNorm2d,
         "naive sync BN (torch.distributed)": NaiveSyncBatchNorm,
         "torch.nn.SyncBatchNorm": nn.SyncBatchNorm,
@@ -141,15 +144,21 @@ def _spin_waiting(layer):
     return layer
 
 
+def _without_collectives(layer):
+    """Mark a CGBN layer to run with its allreduces replaced by the identity: its local arithmetic alone
+    (statistics of this rank's batch only; for timing, not for results)."""
+    layer.no_collectives = True
+    return layer
+
+
 def _step(layer, x, grad, device):
     x.grad = None
     layer.zero_grad()
-    poll_seconds = sync_bn._POLL_SECONDS
-    sync_bn._POLL_SECONDS = 0 if getattr(layer, "spin_wait", False) else poll_seconds
-    try:
+    patches = {"_POLL_SECONDS": 0} if getattr(layer, "spin_wait", False) else {}
+    if getattr(layer, "no_collectives", False):
+        patches.update(_allreduce_start=lambda tensor, name, process_set: tensor, _allreduce_wait=lambda t: t)
+    with mock.patch.multiple(sync_bn, **patches) if patches else contextlib.nullcontext():
         layer(x).backward(grad)
-    finally:
-        sync_bn._POLL_SECONDS = poll_seconds
     if device.type == "cuda":
         torch.cuda.synchronize()
 
