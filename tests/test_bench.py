@@ -3,6 +3,7 @@ benchmark's two pipelines producing the same thing (no timing is asserted)."""
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from hvd_megdet.bench import data as bench_data
 from hvd_megdet.bench import knobs, scaling, train_iter
 from hvd_megdet.engine import to_device
+from tests.harness import horovodrun
 
 
 def _phases(step, forward):
@@ -147,3 +149,31 @@ def test_bench_ab_runs_the_command_on_each_tree_in_turn():
     assert not Path(trees[0]).exists()
     assert [line.split(",")[0] for line in proc.stdout.splitlines() if line.startswith("==")] == \
         ["== before (HEAD)", "== after (working tree)"] * 2
+
+
+@pytest.mark.multirank
+def test_sync_bn_benchmark_runs_on_two_ranks_and_counts_collectives(tmp_path):
+    out = tmp_path / "sync_bn.json"
+    proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.bench.sync_bn", "--shapes", "2x8x4x6", "--iters", "2",
+                          "--warmup", "0", "--json", out], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = {row["layer"]: row for row in json.loads(out.read_text())["rows"]}
+    collectives = {name: row.get("collectives") for name, row in rows.items()}
+    assert collectives == {"CGBN two_phase=True": 3, "CGBN two_phase=False": 2, "CGBN two_phase=True, spin wait": 3,
+                           "CGBN two_phase=True, arithmetic only": 0, "local nn.BatchNorm2d": 0,
+                           "naive sync BN (torch.distributed)": 2, "torch.nn.SyncBatchNorm": None,
+                           "hvd.SyncBatchNorm": None}
+    assert all(row["ms"] > 0 for row in rows.values() if "ms" in row)
+
+
+@pytest.mark.multirank
+def test_train_iter_benchmark_runs_on_two_ranks(tmp_path):
+    out = tmp_path / "train_iter.json"
+    proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.bench.train_iter", "--iters", "1", "--warmup", "0",
+                          "--images", "8", "--json", out], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["result"]) == set(train_iter.NORMS) and result["result"]["bn"]["ratio_vs_bn"] == 1.0
+    # demo model: 24 CGBN layers in 15 synchronizations; two_phase=True 2 forward + 1 backward, False 1 + 1
+    assert {k: v["per_iteration"] for k, v in result["collectives"].items()} == \
+        {"sum": 15, "sqdev": 15, "moments": 15, "grad": 30}
