@@ -23,12 +23,12 @@ def checkpoint_dir(output_dir):
     return Path(output_dir) / "checkpoints"
 
 
-def save(state, path):
-    """Atomically write `state` to `path` (temporary file, fsync, rename, fsync of the folder).
-
-    Temporary files in the folder from an earlier writer that was killed mid-save are deleted first (a job
-    has one writer: rank 0).
-    """
+def write_atomic(path, write):
+    """Replace `path` atomically: `write(f)` fills a temporary binary file in the same folder, which is
+    fsynced and renamed over `path`, then the folder is fsynced. A reader sees the old file or the new one,
+    never part of one, even if the writer is killed. Temporary files that an earlier writer killed mid-write
+    left in the folder are deleted first (one writer per folder: rank 0). Used for checkpoints, evaluation
+    results and the metrics log."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -36,7 +36,7 @@ def save(state, path):
         stale.unlink(missing_ok=True)
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,6 +47,11 @@ def save(state, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save(state, path):
+    """Atomically write the checkpoint `state` to `path` (`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load(path, map_location="cpu"):

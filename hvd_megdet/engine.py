@@ -14,6 +14,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hvd_megdet import dist
+from hvd_megdet.checkpoint import first_nonfinite
 from hvd_megdet.data import DatasetError
 from hvd_megdet.evaluation import evaluate_bbox, to_coco_results, write_eval
 
@@ -72,14 +73,6 @@ def autocast(device, amp):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def grads_finite(parameters):
-    """True when every gradient is finite (one fused reduction, no host sync per tensor)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
-
 def _running_stats(model):
     """The BatchNorm buffers that a forward pass in train mode updates (statistics and their counter)."""
     return [buf for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
@@ -107,7 +100,8 @@ def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, cli
     if scaler:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    loss_finite, grads_ok = math.isfinite(loss.item()), grads_finite(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    loss_finite, grads_ok = math.isfinite(loss.item()), first_nonfinite(grads) is None
     names = sorted(loss_dict)
     local = [loss_dict[k].item() for k in names]
     stats = torch.tensor(local + [float(not (loss_finite and grads_ok))], dtype=torch.float64)

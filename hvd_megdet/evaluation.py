@@ -5,12 +5,12 @@ caller gathers the lists to rank 0, which calls `evaluate_bbox` and `write_eval`
 """
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from pycocotools.cocoeval import COCOeval
+
+from hvd_megdet.checkpoint import write_atomic
 
 # COCOeval.stats[0:6], in this order.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -68,19 +68,6 @@ def evaluate_bbox(coco_gt, results):
     return {name: float(s * 100) if s >= 0 else float("nan") for name, s in zip(METRICS, coco_eval.stats[:6])}
 
 
-def _write_json_atomic(path, obj):
-    """Write `obj` as JSON to `path` through a temporary file in the same folder and os.replace, so a
-    reader never sees a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_eval(output_dir, iteration, metrics, results):
     """Write an evaluation's files under `<output_dir>/eval/`, each atomically:
 
@@ -95,8 +82,12 @@ def write_eval(output_dir, iteration, metrics, results):
     eval_dir = Path(output_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     summary = {"iteration": int(iteration), "bbox": {k: None if math.isnan(v) else v for k, v in metrics.items()}}
-    _write_json_atomic(eval_dir / f"detections_{iteration:07d}.json", results)
-    _write_json_atomic(eval_dir / f"metrics_{iteration:07d}.json", summary)
+    _write_json(eval_dir / f"detections_{iteration:07d}.json", results)
+    _write_json(eval_dir / f"metrics_{iteration:07d}.json", summary)
     latest = eval_dir / "latest.json"
-    _write_json_atomic(latest, summary)
+    _write_json(latest, summary)
     return latest
+
+
+def _write_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj).encode()))

@@ -12,7 +12,6 @@ under output_dir. Errors end every rank with one line `error: ...` (docs/robustn
 """
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -174,9 +173,7 @@ def open_metrics(path, start_iter):
                     kept.append(line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, lambda f: f.write("".join(kept).encode()))
     return open(path, "a")
 
 
