@@ -19,7 +19,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from hvd_megdet.process import kill_tree
+from hvd_megdet.process import run
 
 REPO = Path(__file__).resolve().parents[1]
 HOROVODRUN = Path(sys.executable).with_name("horovodrun")
@@ -43,15 +43,10 @@ def horovodrun(np, argv, timeout, env=None, cwd=None):
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, cwd=cwd or REPO, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, _ = proc.communicate()
-        raise RanksTimedOut(timeout, out) from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+    returncode, out = run(cmd, timeout, env=full_env, cwd=cwd or REPO)
+    if returncode is None:
+        raise RanksTimedOut(timeout, out)
+    return subprocess.CompletedProcess(cmd, returncode, out)
 
 
 def run_ranks(fn, np=2, args=(), kwargs=None, timeout=120, env=None):

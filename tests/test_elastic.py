@@ -5,7 +5,6 @@ machine: localhost (2 slots) and 127.0.0.1 (1 slot); the worker on 127.0.0.1 kil
 """
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from hvd_megdet import checkpoint
 from hvd_megdet.config import load_config
 from hvd_megdet.data.synthetic import make_dataset
-from hvd_megdet.process import kill_tree
+from hvd_megdet.process import run
 from hvd_megdet.solver import lr_at
 from tests.harness import HOROVODRUN, REPO
 from tests.test_faults import CONFIG, overrides, train_killed_when
@@ -31,14 +30,10 @@ def elastic_horovodrun(argv, discovery, timeout):
     # A survivor that shared no connection with the lost worker only notices it when its Gloo operation times
     # out (Horovod's default: 30 s); 15 s keeps the test short and is still ample on localhost.
     env = dict(os.environ, PYTHONPATH=str(REPO), HOROVOD_GLOO_TIMEOUT_SECONDS="15")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        pytest.fail(f"elastic job still running after {timeout}s:\n{proc.communicate()[0][-4000:]}")
-    return proc.returncode, out
+    returncode, out = run(cmd, timeout, env=env, cwd=REPO)
+    if returncode is None:
+        pytest.fail(f"elastic job still running after {timeout}s:\n{out[-4000:]}")
+    return returncode, out
 
 
 def test_lost_worker_training_finishes_on_two_with_the_rescaled_lr(tmp_path):

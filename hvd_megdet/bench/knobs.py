@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -97,7 +96,7 @@ def probe(iters):
 
 def launch(np, cycle_ms, cache, iters, timeout):
     """One horovodrun of the probe under HOROVOD_CYCLE_TIME=cycle_ms, HOROVOD_CACHE_CAPACITY=cache."""
-    from hvd_megdet.process import kill_tree
+    from hvd_megdet.process import run
 
     horovodrun = Path(sys.executable).with_name("horovodrun")
     env = dict(os.environ, HOROVOD_CYCLE_TIME=str(cycle_ms), HOROVOD_CACHE_CAPACITY=str(cache))
@@ -105,17 +104,13 @@ def launch(np, cycle_ms, cache, iters, timeout):
         out = Path(tmp) / "probe.json"
         cmd = [str(horovodrun), "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, "-m",
                "hvd_megdet.bench.knobs", "--probe", str(out), "--iters", str(iters)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-        try:
-            log, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(proc.pid)
+        returncode, log = run(cmd, timeout, env=env)
+        if returncode is None:
             raise RuntimeError(f"bench.knobs: probe with cycle {cycle_ms} ms, cache {cache} timed out after "
-                               f"{timeout:.0f} s") from None
-        if proc.returncode != 0 or not out.is_file():
+                               f"{timeout:.0f} s")
+        if returncode != 0 or not out.is_file():
             raise RuntimeError(f"bench.knobs: probe with cycle {cycle_ms} ms, cache {cache} failed "
-                               f"(exit {proc.returncode}):\n{log[-3000:]}")
+                               f"(exit {returncode}):\n{log[-3000:]}")
         return json.loads(out.read_text())
 
 

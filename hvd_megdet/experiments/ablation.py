@@ -60,9 +60,9 @@ from pathlib import Path
 
 import yaml
 
+from hvd_megdet import process
 from hvd_megdet.config import ConfigError, load_config, merge
 from hvd_megdet.data import DatasetError, epoch_length
-from hvd_megdet.process import kill_tree
 from hvd_megdet.solver import scaled_lr
 
 NORMS = ("frozen", "bn", "cgbn")
@@ -252,16 +252,7 @@ def execute(cmd, log_path, timeout):
     """Run `cmd` with stdout and stderr into `log_path`; its exit status, or None if it ran past `timeout`
     seconds (then it and everything it started are killed, as they are if this process is interrupted)."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        finally:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
-                proc.wait()
+        return process.run(cmd, timeout, stdout=log, stdin=subprocess.DEVNULL)[0]
 
 
 def divergence(losses, skipped, max_skipped=0, explode_factor=10.0):
