@@ -151,13 +151,18 @@ def test_bench_ab_runs_the_command_on_each_tree_in_turn():
         ["== before (HEAD)", "== after (working tree)"] * 2
 
 
+def _bench_on_two_ranks(name, args, tmp_path, timeout):
+    """The JSON written by `python -m hvd_megdet.bench.<name> ARGS --json FILE` under horovodrun -np 2."""
+    out = tmp_path / f"{name}.json"
+    proc = horovodrun(2, [sys.executable, "-m", f"hvd_megdet.bench.{name}", *args, "--json", out], timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.multirank
 def test_sync_bn_benchmark_runs_on_two_ranks_and_counts_collectives(tmp_path):
-    out = tmp_path / "sync_bn.json"
-    proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.bench.sync_bn", "--shapes", "2x8x4x6", "--iters", "2",
-                          "--warmup", "0", "--json", out], timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    rows = {row["layer"]: row for row in json.loads(out.read_text())["rows"]}
+    result = _bench_on_two_ranks("sync_bn", ["--shapes", "2x8x4x6", "--iters", "2", "--warmup", "0"], tmp_path, 180)
+    rows = {row["layer"]: row for row in result["rows"]}
     collectives = {name: row.get("collectives") for name, row in rows.items()}
     assert collectives == {"CGBN two_phase=True": 3, "CGBN two_phase=False": 2, "CGBN two_phase=True, spin wait": 3,
                            "CGBN two_phase=True, arithmetic only": 0, "local nn.BatchNorm2d": 0,
@@ -168,11 +173,7 @@ def test_sync_bn_benchmark_runs_on_two_ranks_and_counts_collectives(tmp_path):
 
 @pytest.mark.multirank
 def test_train_iter_benchmark_runs_on_two_ranks(tmp_path):
-    out = tmp_path / "train_iter.json"
-    proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.bench.train_iter", "--iters", "1", "--warmup", "0",
-                          "--images", "8", "--json", out], timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    result = json.loads(out.read_text())
+    result = _bench_on_two_ranks("train_iter", ["--iters", "1", "--warmup", "0", "--images", "8"], tmp_path, 300)
     assert set(result["result"]) == set(train_iter.NORMS) and result["result"]["bn"]["ratio_vs_bn"] == 1.0
     # demo model: 24 CGBN layers in 15 synchronizations; two_phase=True 2 forward + 1 backward, False 1 + 1
     assert {k: v["per_iteration"] for k, v in result["collectives"].items()} == \
