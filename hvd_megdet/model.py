@@ -11,8 +11,8 @@ FrozenBatchNorm, so that one argument sets the norm of backbone, FPN and box hea
     norm="cgbn"    as "bn", then every BatchNorm2d becomes hvd_megdet.sync_bn's cross-GPU BatchNorm.
 
 With CGBN, norm layers whose inputs do not depend on each other (the FPN's levels; bn1 and the shortcut's norm
-of a downsampling ResNet block) normalize together, sharing each collective (`SyncBatchNorm.forward_together`):
-the network is torchvision's, computed in an order that allows it.
+of a downsampling ResNet block) share their statistics' collectives
+(`SyncBatchNorm.forward_sharing_collectives`): the network is torchvision's, computed in an order that allows it.
 
 Images reach the model already resized by the data pipeline (shortest side / max size, in loader workers),
 so the model's transform only normalizes (ImageNet mean/std) and pads to a multiple of 32; detections come
@@ -44,29 +44,29 @@ NORMS = ("frozen", "bn", "cgbn")
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
 
-def _norm_together(norms, inputs):
+def _norm_sharing_collectives(norms, inputs):
     """`[norm(x) for ...]` for norm layers whose inputs do not depend on each other's outputs. Layers of a
-    class with `forward_together` (CGBN's SyncBatchNorm) run through it: their statistics share each
+    class with `forward_sharing_collectives` (CGBN's SyncBatchNorm) run through it: their statistics share each
     collective, one synchronization instead of len(norms)."""
-    together = getattr(type(norms[0]), "forward_together", None)
-    if together is not None and all(type(norm) is type(norms[0]) for norm in norms):
-        return together(norms, inputs)
+    sharing = getattr(type(norms[0]), "forward_sharing_collectives", None)
+    if sharing is not None and all(type(norm) is type(norms[0]) for norm in norms):
+        return sharing(norms, inputs)
     return [norm(x) for norm, x in zip(norms, inputs)]
 
 
 def _first_norm_and_shortcut(block, x):
     """(bn1(conv1(x)), shortcut(x)) of a torchvision ResNet block: both read the block's input, so a
-    downsampling shortcut's norm runs together with bn1."""
+    downsampling shortcut's norm shares bn1's collectives."""
     out = block.conv1(x)
     if block.downsample is None:
         return block.bn1(out), x
     conv, norm = block.downsample  # torchvision's Sequential(conv1x1, norm_layer)
-    out, shortcut = _norm_together([block.bn1, norm], [out, conv(x)])
+    out, shortcut = _norm_sharing_collectives([block.bn1, norm], [out, conv(x)])
     return out, shortcut
 
 
-class BasicBlockTogether(BasicBlock):
-    """torchvision's BasicBlock, its shortcut's norm run together with bn1 (same outputs and parameters)."""
+class BasicBlockSharingCollectives(BasicBlock):
+    """torchvision's BasicBlock, its shortcut's norm sharing bn1's collectives (same outputs and parameters)."""
 
     def forward(self, x):
         out, identity = _first_norm_and_shortcut(self, x)
@@ -74,8 +74,8 @@ class BasicBlockTogether(BasicBlock):
         return self.relu(out + identity)
 
 
-class BottleneckTogether(Bottleneck):
-    """torchvision's Bottleneck, its shortcut's norm run together with bn1 (same outputs and parameters)."""
+class BottleneckSharingCollectives(Bottleneck):
+    """torchvision's Bottleneck, its shortcut's norm sharing bn1's collectives (same outputs and parameters)."""
 
     def forward(self, x):
         out, identity = _first_norm_and_shortcut(self, x)
@@ -100,7 +100,7 @@ def _tiny_resnet(norm_layer, widths=(16, 32, 64, 128)):
         if stride != 1 or in_ch != out_ch:
             downsample = nn.Sequential(conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
         layers[f"layer{i + 1}"] = nn.Sequential(
-            BasicBlockTogether(in_ch, out_ch, stride, downsample, norm_layer=norm_layer))
+            BasicBlockSharingCollectives(in_ch, out_ch, stride, downsample, norm_layer=norm_layer))
         in_ch = out_ch
     body = nn.Sequential(layers)
     for m in body.modules():
@@ -113,23 +113,23 @@ def _tiny_resnet(norm_layer, widths=(16, 32, 64, 128)):
 #          box head representation size). torchvision's resnet18..101 are these ResNet(block, layers) calls.
 BACKBONES = {
     "resnet_tiny": (_tiny_resnet, (16, 32, 64, 128), 64, 256),
-    "resnet18": (partial(ResNet, BasicBlockTogether, [2, 2, 2, 2]), (64, 128, 256, 512), 256, 1024),
-    "resnet34": (partial(ResNet, BasicBlockTogether, [3, 4, 6, 3]), (64, 128, 256, 512), 256, 1024),
-    "resnet50": (partial(ResNet, BottleneckTogether, [3, 4, 6, 3]), (256, 512, 1024, 2048), 256, 1024),
-    "resnet101": (partial(ResNet, BottleneckTogether, [3, 4, 23, 3]), (256, 512, 1024, 2048), 256, 1024),
+    "resnet18": (partial(ResNet, BasicBlockSharingCollectives, [2, 2, 2, 2]), (64, 128, 256, 512), 256, 1024),
+    "resnet34": (partial(ResNet, BasicBlockSharingCollectives, [3, 4, 6, 3]), (64, 128, 256, 512), 256, 1024),
+    "resnet50": (partial(ResNet, BottleneckSharingCollectives, [3, 4, 6, 3]), (256, 512, 1024, 2048), 256, 1024),
+    "resnet101": (partial(ResNet, BottleneckSharingCollectives, [3, 4, 23, 3]), (256, 512, 1024, 2048), 256, 1024),
 }
 
 
 def _conv_norm(blocks, inputs):
-    """Each block (Sequential: conv, then optionally a norm) on its input, with the norms of all blocks run
-    together (`_norm_together`)."""
+    """Each block (Sequential: conv, then optionally a norm) on its input, the norms of all blocks sharing
+    their collectives (`_norm_sharing_collectives`)."""
     outputs = [block[0](x) for block, x in zip(blocks, inputs)]
     norms = [block[1] for block in blocks if len(block) > 1]
-    return _norm_together(norms, outputs) if norms else outputs
+    return _norm_sharing_collectives(norms, outputs) if norms else outputs
 
 
-class LevelsTogetherFPN(FeaturePyramidNetwork):
-    """torchvision's FeaturePyramidNetwork computed in an order that lets the levels' norms run together:
+class FPNSharingCollectives(FeaturePyramidNetwork):
+    """torchvision's FeaturePyramidNetwork computed in an order that lets the levels' norms share collectives:
     every lateral conv, their norms; the top-down sums; every output conv, their norms. Same outputs; with
     CGBN the levels share each collective, so an FPN of 4 levels synchronizes 2 times instead of 8."""
 
@@ -147,12 +147,12 @@ class LevelsTogetherFPN(FeaturePyramidNetwork):
 
 class BackboneWithFPN(nn.Module):
     """torchvision's BackboneWithFPN (the same submodules, state-dict keys and initialisation) on a
-    `LevelsTogetherFPN` with a max-pooled extra level (P6)."""
+    `FPNSharingCollectives` with a max-pooled extra level (P6)."""
 
     def __init__(self, body, return_layers, in_channels_list, out_channels, norm_layer=None):
         super().__init__()
         self.body = IntermediateLayerGetter(body, return_layers=return_layers)
-        self.fpn = LevelsTogetherFPN(in_channels_list, out_channels, extra_blocks=LastLevelMaxPool(),
+        self.fpn = FPNSharingCollectives(in_channels_list, out_channels, extra_blocks=LastLevelMaxPool(),
                                      norm_layer=norm_layer)
         self.out_channels = out_channels
 

@@ -1,38 +1,28 @@
 """Cross-GPU Batch Normalization (CGBN, MegDet, Peng et al. 2018, arXiv 1711.07240) over Horovod.
 
-Standalone: imports torch and horovod.torch only, so other Horovod jobs can use it on its own.
+Standalone: imports torch and horovod.torch only, so any Horovod job can use it.
 
     hvd.init()
     model = convert_sync_batchnorm(model)            # every nn.BatchNorm*d -> SyncBatchNorm
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-In training, each SyncBatchNorm normalizes with the mean and variance of the concatenation of the batches of
-all ranks in its process set (the paper's "BN size"), weighting every element equally: a rank with 2 images
-counts twice as much as a rank with 1, and a rank with 0 images counts for nothing but still takes part in
-every collective. The result equals `nn.BatchNorm*d` applied to the concatenated batch: outputs, input
-gradients, running statistics and, summed over ranks, weight and bias gradients (weight and bias gradients
-stay local; `hvd.DistributedOptimizer` averages them like any other gradient).
+In training each SyncBatchNorm equals `nn.BatchNorm*d` applied to the concatenated batches of the ranks of its
+process set (the paper's "BN size"): outputs, input gradients and running statistics; weight and bias
+gradients stay local, and their sum over the ranks is BatchNorm's (`hvd.DistributedOptimizer` averages them
+like any gradient). Every element weighs the same, so a rank with 2 images counts twice as much as a rank
+with 1; a rank with 0 images counts for nothing but still takes part.
 
-Collectives per layer and training iteration (Horovod allreduce, op=Sum, of one concatenated tensor each):
-  two_phase=True (the paper's algorithm, default): forward 2 ([sum x, count], then sum (x - mean)^2),
-      backward 1 ([sum dy, sum dy * (x - mean)]).
-  two_phase=False: forward 1 ([count, sum (x - s), sum (x - s)^2] in float64, s a per-channel shift equal on
-      all ranks), backward 1. One round trip fewer per layer for the same local work, so it is the faster
-      of the two (docs/performance.md); it needs running statistics equal on all ranks (see `SyncBatchNorm`).
-Local work per layer is that of BatchNorm: a sum and a sum of squared deviations from the local mean, combined
-across ranks exactly (Chan et al.'s parallel variance), then torch's fused normalization. Each allreduce is
-started before the local work that does not depend on it (the deviations in phase 1, dy * scale backward).
-`SyncBatchNorm.forward_together(layers, inputs)` runs independent layers (an FPN's levels) with fused
-statistics: one set of these collectives for all of them. Evaluation with running statistics, a world of 1, a
-process set of size 1 and `LOCAL` issue no collective.
+Contract, as for any Horovod collective: every rank of a process set runs the same SyncBatchNorm layers in
+the same order, forward and backward, including ranks whose batch is empty. Collectives are named after the
+order in which layers are created, so every rank builds the same model the same way.
 
-Contract, as for any Horovod collective: every rank of a process set runs the same SyncBatchNorm layers in the
-same order, forward and backward, including ranks whose batch is empty. Collectives are named after the
-layer's creation index, so all ranks must also construct SyncBatchNorm layers in the same order (build the
-same model the same way everywhere); stable names let Horovod's response cache skip negotiation.
+The algorithm, its collectives and their cost: README.md, "Cross-GPU Batch Normalization", and
+docs/performance.md.
 """
 import itertools
 import time
+from typing import NamedTuple, Optional
 
 import horovod.torch as hvd
 import torch
@@ -57,10 +47,10 @@ def _allreduce_start(tensor, name, process_set):
 
 
 def _allreduce_wait(handle):
-    # hvd.synchronize() busy-waits (sched_yield) for Horovod's background thread; where ranks share CPU cores
-    # that spinning takes the core the background thread needs. Sleeping between polls costs at most
-    # ~_POLL_SECONDS of latency and measured several times faster per small allreduce at 2 ranks on 2 cores.
-    while _POLL_SECONDS and not hvd.poll(handle):  # _POLL_SECONDS = 0: Horovod's own spinning wait
+    """The result of `_allreduce_start`'s allreduce. hvd.synchronize() spins on sched_yield, which takes the
+    cores that Horovod's background thread needs where ranks share them; sleeping between polls does not
+    (docs/performance.md). _POLL_SECONDS = 0 restores Horovod's own wait."""
+    while _POLL_SECONDS and not hvd.poll(handle):
         time.sleep(_POLL_SECONDS)
     return hvd.synchronize(handle)
 
@@ -70,115 +60,78 @@ def _layout(x):
     return [0, *range(2, x.dim())], [1, x.shape[1]] + [1] * (x.dim() - 2)
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode BN of local batches with statistics of the whole process set (see the module docstring),
-    for one layer or several independent ones at once: their statistics travel in the same allreduces.
+def _per_channel(vector, x):
+    """A (C,) vector shaped to broadcast against the (N, C, *) tensor x."""
+    return vector.view(_layout(x)[1])
 
-    apply(layers, process_set, name, two_phase, *xs, *weights, *biases): `layers` holds one (running_mean,
-    running_var, factor, eps) per x, updated in place when the running statistics are given. Each x is
-    (N, C, *) with N possibly 0, all xs of one float dtype. Statistics are float32 (float64 for float64
-    input); each output has its x's dtype and memory format. Returns the tuple of outputs.
-    """
 
-    @staticmethod
-    def forward(ctx, layers, process_set, name, two_phase, *tensors):
-        n = len(layers)
-        xs, weights, biases = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
-        stat_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-        channels = [x.shape[1] for x in xs]
-        local_counts = [x.numel() // c for x, c in zip(xs, channels)]
+def _split(sequence, n, parts):
+    """[sequence[:n], sequence[n:2n], ...]: the per-layer groups of the autograd function's flat arguments."""
+    return [sequence[i * n:(i + 1) * n] for i in range(parts)]
 
-        # Local per-channel sum and sum of squared deviations from the local mean (two passes over x, as
-        # BatchNorm's own statistics). Rank statistics then combine exactly (Chan et al.'s parallel variance):
-        # sum (x - c)^2 over a rank = m2 + n * (local_mean - c)^2 for any per-channel c.
-        xss = [x.to(stat_dtype) for x in xs]
-        sums = [xs_.sum(_layout(xs_)[0]) for xs_ in xss]
-        local_means = [s_ / max(k, 1) for s_, k in zip(sums, local_counts)]
 
-        def local_m2():
-            return [(xs_ - m.view(_layout(xs_)[1])).square_().sum(_layout(xs_)[0]) for xs_, m in zip(xss, local_means)]
+class _Layer(NamedTuple):
+    """What the autograd function needs of one SyncBatchNorm besides its input, weight and bias."""
+    running_mean: Optional[torch.Tensor]  # updated in place when given (None: no running statistics)
+    running_var: Optional[torch.Tensor]
+    momentum: float  # this batch's weight in the running statistics
+    eps: float
 
-        if two_phase:
-            # Phase 1 (global means) is in flight while the local deviations are summed.
-            handle = _allreduce_start(torch.cat([*sums, sums[0].new_tensor(local_counts)]), f"{name}.sum",
-                                      process_set)
-            m2 = local_m2()
-            stats = _allreduce_wait(handle)
-            counts = _global_counts(stats[-n:], name)
-            means = [s_ / max(k, 1) for s_, k in zip(stats[:-n].split(channels), counts)]
-            # Phase 2: per layer, the sum over the group of the squared deviations from the global mean.
-            sqdev = torch.cat([q + k * (lm - m).square() for q, k, lm, m in zip(m2, local_counts, local_means, means)])
-            sqdev = _allreduce_wait(_allreduce_start(sqdev, f"{name}.sqdev", process_set))
-            variances = [q / max(k, 1) for q, k in zip(sqdev.split(channels), counts)]
-        else:
-            m2 = local_m2()
-            # One allreduce of float64 moments around a shift s equal on all ranks: the cancellation in
-            # E[(x-s)^2] - E[x-s]^2 is then harmless unless |mean - s| exceeds the std by ~1e6.
-            shifts = [(rm if rm is not None else x.new_zeros(c)).to(torch.float64)
-                      for (rm, _, _, _), x, c in zip(layers, xs, channels)]
-            ds = [lm.to(torch.float64) - s_ for lm, s_ in zip(local_means, shifts)]
-            moments = torch.cat([shifts[0].new_tensor(local_counts), *(k * d for k, d in zip(local_counts, ds)),
-                                 *(q + k * d * d for q, k, d in zip(m2, local_counts, ds))])
-            moments = _allreduce_wait(_allreduce_start(moments, f"{name}.moments", process_set))
-            counts = _global_counts(moments[:n], name)
-            first, second = moments[n:].split([sum(channels)] * 2)
-            means, variances = [], []
-            for s_, k, mean_d, sq in zip(shifts, counts, first.split(channels), second.split(channels)):
-                mean_d, sq = mean_d / max(k, 1), sq / max(k, 1)
-                variances.append((sq - mean_d * mean_d).clamp_(min=0).to(stat_dtype))
-                means.append((s_ + mean_d).to(stat_dtype))
 
-        with torch.no_grad():
-            for (running_mean, running_var, factor, _), mean, var, k in zip(layers, means, variances, counts):
-                if running_mean is not None and k > 0:
-                    running_mean.lerp_(mean.to(running_mean.dtype), factor)
-                    running_var.lerp_((var * (k / (k - 1))).to(running_var.dtype), factor)
+class _LocalMoments:
+    """One rank's batch of one layer, per channel: element count, sum and mean, and `m2()`, the sum of squared
+    deviations from the local mean. These are BatchNorm's own two passes over x; ranks then combine exactly
+    (Chan et al.'s parallel variance): over a rank, sum (x - c)^2 = m2 + count * (mean - c)^2 for any c."""
 
-        ctx.save_for_backward(*xs, *weights, *means, *variances)
-        ctx.layers = n
-        ctx.counts = [max(k, 1) for k in counts]
-        ctx.eps = [eps for _, _, _, eps in layers]
-        ctx.process_set, ctx.name = process_set, name
-        # Normalizing with the global statistics is BN in eval mode: torch's fused kernel, which keeps x's
-        # dtype and memory format and takes float32 statistics and parameters for float16/bfloat16 x.
-        return tuple(F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
-                     for x, w, b, mean, var, eps in zip(xs, weights, biases, means, variances, ctx.eps))
+    def __init__(self, x, dtype):
+        self.x = x.to(dtype)
+        self.dims = _layout(x)[0]
+        self.count = x.numel() // x.shape[1]
+        self.sum = self.x.sum(self.dims)
+        self.mean = self.sum / max(self.count, 1)
 
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        n = ctx.layers
-        saved = ctx.saved_tensors
-        xs, weights, means, variances = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
-        stat_dtype = means[0].dtype
-        invstds = [torch.rsqrt(var + eps) for var, eps in zip(variances, ctx.eps)]
-        gys = [g.to(stat_dtype) for g in grad_outs]
-        xcs = [x.to(stat_dtype) - m.view(_layout(x)[1]) for x, m in zip(xs, means)]
-        sum_dy = [gy.sum(_layout(gy)[0]) for gy in gys]
-        sum_dy_xc = [(gy * xc).sum(_layout(gy)[0]) for gy, xc in zip(gys, xcs)]  # = sum dy * xhat / invstd
+    def m2(self):
+        return (self.x - _per_channel(self.mean, self.x)).square_().sum(self.dims)
 
-        grad_xs = [None] * n
-        if any(ctx.needs_input_grad[4:4 + n]):
-            # x-hat depends on every rank's x through mean and var: one allreduce of [sum dy, sum dy*xhat] of
-            # all layers, in flight while the local terms of dx are computed.
-            channels = [m.numel() for m in means]
-            handle = _allreduce_start(torch.cat([*sum_dy, *sum_dy_xc]), f"{ctx.name}.grad", ctx.process_set)
-            scales = [inv if w is None else inv * w.to(stat_dtype) for inv, w in zip(invstds, weights)]
-            dy_scaled = [gy * sc.view(_layout(gy)[1]) for gy, sc in zip(gys, scales)]
-            g_dy, g_dy_xc = _allreduce_wait(handle).split([sum(channels)] * 2)
-            for i, (k, dy, dy_xc) in enumerate(zip(ctx.counts, g_dy.split(channels), g_dy_xc.split(channels))):
-                if ctx.needs_input_grad[4 + i]:
-                    # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), as per-channel coefficients of
-                    # xc and dy; starting from xc gives grad_x the memory format of x.
-                    shape = _layout(xs[i])[1]
-                    c_xc, c_1 = -scales[i] * invstds[i] * invstds[i] * dy_xc / k, -scales[i] * dy / k
-                    grad_xs[i] = xcs[i].mul_(c_xc.view(shape)).add_(c_1.view(shape)).add_(dy_scaled[i]).to(xs[i].dtype)
 
-        # Weight and bias gradients stay local: the optimizer's allreduce combines them like any gradient.
-        grad_ws = [(sdx * inv).to(w.dtype) if ctx.needs_input_grad[4 + n + i] else None
-                   for i, (sdx, inv, w) in enumerate(zip(sum_dy_xc, invstds, weights))]
-        grad_bs = [sdy.to(w.dtype) if ctx.needs_input_grad[4 + 2 * n + i] else None  # affine: weight and bias
-                   for i, (sdy, w) in enumerate(zip(sum_dy, weights))]
-        return (None, None, None, None, *grad_xs, *grad_ws, *grad_bs)
+def _two_phase_statistics(local, name, process_set):
+    """The paper's two phases: allreduce [sum x, count] -> global mean; allreduce sum (x - global mean)^2 ->
+    global (biased) variance. Returns (means, variances, counts) per layer. The local m2 is summed while
+    phase 1 is in flight."""
+    channels = [moments.sum.numel() for moments in local]
+    counts = local[0].sum.new_tensor([moments.count for moments in local])
+    handle = _allreduce_start(torch.cat([*(moments.sum for moments in local), counts]), f"{name}.sum", process_set)
+    m2 = [moments.m2() for moments in local]
+    totals = _allreduce_wait(handle)
+    counts = _global_counts(totals[-len(local):], name)
+    means = [total / max(k, 1) for total, k in zip(totals[:-len(local)].split(channels), counts)]
+    # Each rank's sum of squared deviations from the global mean, from its local moments.
+    sq_dev = torch.cat([q + moments.count * (moments.mean - mean).square()
+                        for q, moments, mean in zip(m2, local, means)])
+    sq_dev = _allreduce_wait(_allreduce_start(sq_dev, f"{name}.sqdev", process_set))
+    variances = [total / max(k, 1) for total, k in zip(sq_dev.split(channels), counts)]
+    return means, variances, counts
+
+
+def _shifted_statistics(local, shifts, name, process_set):
+    """One allreduce of float64 [count, sum (x - s), sum (x - s)^2] around per-channel shifts s equal on all
+    ranks, then mean = s + E[x - s] and variance = E[(x - s)^2] - E[x - s]^2: the cancellation is harmless in
+    float64 unless |mean - s| exceeds the std by ~1e6. Returns (means, variances, counts) per layer."""
+    channels = [moments.sum.numel() for moments in local]
+    offsets = [moments.mean.to(torch.float64) - shift for moments, shift in zip(local, shifts)]
+    payload = torch.cat([shifts[0].new_tensor([moments.count for moments in local]),
+                         *(moments.count * offset for moments, offset in zip(local, offsets)),
+                         *(moments.m2() + moments.count * offset.square() for moments, offset in zip(local, offsets))])
+    totals = _allreduce_wait(_allreduce_start(payload, f"{name}.moments", process_set))
+    counts = _global_counts(totals[:len(local)], name)
+    sum_shifted, sum_sq_shifted = totals[len(local):].split([sum(channels)] * 2)
+    dtype = local[0].sum.dtype
+    means, variances = [], []
+    for shift, k, first, second in zip(shifts, counts, sum_shifted.split(channels), sum_sq_shifted.split(channels)):
+        mean_shifted, mean_sq_shifted = first / max(k, 1), second / max(k, 1)
+        variances.append((mean_sq_shifted - mean_shifted.square()).clamp_(min=0).to(dtype))
+        means.append((shift + mean_shifted).to(dtype))
+    return means, variances, counts
 
 
 def _global_counts(counts, name):
@@ -192,6 +145,90 @@ def _global_counts(counts, name):
         raise ValueError(f"SyncBatchNorm {name}: expected more than 1 value per channel when training, "
                          f"got 1 over the whole process set")
     return counts
+
+
+@torch.no_grad()
+def _update_running_stats(layers, means, variances, counts):
+    """Move each layer's running statistics toward the group batch's mean and unbiased variance, as
+    BatchNorm does; a group batch of 0 elements leaves them unchanged."""
+    for layer, mean, var, k in zip(layers, means, variances, counts):
+        if layer.running_mean is not None and k > 0:
+            layer.running_mean.lerp_(mean.to(layer.running_mean.dtype), layer.momentum)
+            layer.running_var.lerp_((var * (k / (k - 1))).to(layer.running_var.dtype), layer.momentum)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm of n independent layers at once, with statistics of the whole process set;
+    their statistics travel in the same allreduces.
+
+    apply(layers, process_set, name, two_phase, *inputs, *weights, *biases): `layers` holds one `_Layer` per
+    input. Each input is (N, C, *) with N possibly 0, all of one float dtype. Statistics are float32 (float64
+    for float64 inputs); each output has its input's dtype and memory format. Returns the tuple of outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, layers, process_set, name, two_phase, *tensors):
+        n = len(layers)
+        inputs, weights, biases = _split(tensors, n, 3)
+        stat_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+        local = [_LocalMoments(x, stat_dtype) for x in inputs]
+        if two_phase:
+            means, variances, counts = _two_phase_statistics(local, name, process_set)
+        else:
+            # The shift: the running mean (equal on all ranks, see SyncBatchNorm), else zero.
+            shifts = [(layer.running_mean if layer.running_mean is not None else x.new_zeros(x.shape[1]))
+                      .to(torch.float64) for layer, x in zip(layers, inputs)]
+            means, variances, counts = _shifted_statistics(local, shifts, name, process_set)
+        _update_running_stats(layers, means, variances, counts)
+
+        ctx.save_for_backward(*inputs, *weights, *means, *variances)
+        ctx.num_layers, ctx.counts = n, [max(k, 1) for k in counts]
+        ctx.eps = [layer.eps for layer in layers]
+        ctx.process_set, ctx.name = process_set, name
+        # Normalizing with the global statistics is BatchNorm in eval mode: torch's fused kernel, which keeps
+        # the input's dtype and memory format and takes float32 statistics and parameters for half inputs.
+        return tuple(F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
+                     for x, w, b, mean, var, eps in zip(inputs, weights, biases, means, variances, ctx.eps))
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        n = ctx.num_layers
+        inputs, weights, means, variances = _split(ctx.saved_tensors, n, 4)
+        needs_input, needs_weight, needs_bias = _split(ctx.needs_input_grad[4:], n, 3)
+        stat_dtype = means[0].dtype
+        invstds = [torch.rsqrt(var + eps) for var, eps in zip(variances, ctx.eps)]
+        dys = [g.to(stat_dtype) for g in grad_outputs]
+        centered = [x.to(stat_dtype) - _per_channel(mean, x) for x, mean in zip(inputs, means)]  # x - mean
+        sum_dy = [dy.sum(_layout(dy)[0]) for dy in dys]
+        sum_dy_centered = [(dy * xc).sum(_layout(dy)[0]) for dy, xc in zip(dys, centered)]  # = sum dy*xhat / invstd
+
+        grad_inputs = [None] * n
+        if any(needs_input):
+            # x-hat depends on every rank's x through mean and var, so dx needs the group's sums of dy and
+            # dy * xhat: one allreduce for all layers, in flight while dy * scale is computed.
+            channels = [mean.numel() for mean in means]
+            handle = _allreduce_start(torch.cat([*sum_dy, *sum_dy_centered]), f"{ctx.name}.grad", ctx.process_set)
+            scales = [inv if w is None else inv * w.to(stat_dtype) for inv, w in zip(invstds, weights)]
+            dy_scaled = [dy * _per_channel(scale, dy) for dy, scale in zip(dys, scales)]
+            group_sum_dy, group_sum_dy_centered = _allreduce_wait(handle).split([sum(channels)] * 2)
+            for i, (k, total_dy, total_dy_centered) in enumerate(
+                    zip(ctx.counts, group_sum_dy.split(channels), group_sum_dy_centered.split(channels))):
+                if needs_input[i]:
+                    # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat))
+                    #    = dy * scale - scale * mean(dy) - (x - mean) * scale * invstd^2 * mean(dy * (x - mean)),
+                    # built on (x - mean) in place, which gives dx the memory format of x.
+                    coef_centered = -scales[i] * invstds[i].square() * total_dy_centered / k
+                    coef_const = -scales[i] * total_dy / k
+                    grad_inputs[i] = (centered[i].mul_(_per_channel(coef_centered, dy_scaled[i]))
+                                      .add_(_per_channel(coef_const, dy_scaled[i])).add_(dy_scaled[i])
+                                      .to(inputs[i].dtype))
+
+        # Weight and bias gradients stay local: the optimizer's allreduce combines them like any gradient.
+        grad_weights = [(s * inv).to(w.dtype) if needed else None
+                        for s, inv, w, needed in zip(sum_dy_centered, invstds, weights, needs_weight)]
+        grad_biases = [s.to(w.dtype) if needed else None  # affine: weight and bias come together
+                       for s, w, needed in zip(sum_dy, weights, needs_bias)]
+        return (None, None, None, None, *grad_inputs, *grad_weights, *grad_biases)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -245,29 +282,29 @@ class SyncBatchNorm(_BatchNorm):
         return size
 
     def forward(self, input):
-        return self.forward_together([self], [input])[0]
+        return self.forward_sharing_collectives([self], [input])[0]
 
     @staticmethod
-    def forward_together(layers, inputs):
+    def forward_sharing_collectives(layers, inputs):
         """`[layer(x) for layer, x in zip(layers, inputs)]` for SyncBatchNorm layers whose inputs do not depend
-        on each other's outputs (the levels of an FPN), with fused statistics: the layers that synchronize
-        over the same process set, with the same algorithm and input dtype, share each collective, so k layers
+        on each other's outputs (the levels of an FPN): the layers that synchronize over the same process set,
+        with the same algorithm and input dtype, share each of their statistics' collectives, so k layers
         cost the round trips of one. Every rank must call it with the same layers in the same order."""
-        outputs, fused = [None] * len(layers), {}
+        outputs, groups = [None] * len(layers), {}
         for i, (layer, x) in enumerate(zip(layers, inputs)):
-            use_batch_stats, running_mean, running_var, factor = layer._start_batch(x)
+            use_batch_stats, running_mean, running_var, momentum = layer._start_batch(x)
             if not use_batch_stats or layer._group_size() == 1:
                 outputs[i] = F.batch_norm(x, running_mean, running_var, layer.weight, layer.bias, use_batch_stats,
-                                          factor, layer.eps)
+                                          momentum, layer.eps)
                 continue
             process_set = hvd.global_process_set if layer.process_set is None else layer.process_set
-            fused.setdefault((id(process_set), layer.two_phase, x.dtype), (process_set, []))[1].append(
-                (i, (running_mean, running_var, factor, layer.eps)))
-        for (_, two_phase, _), (process_set, members) in fused.items():
+            groups.setdefault((id(process_set), layer.two_phase, x.dtype), (process_set, []))[1].append(
+                (i, _Layer(running_mean, running_var, momentum, layer.eps)))
+        for (_, two_phase, _), (process_set, members) in groups.items():
             index = [i for i, _ in members]
             name = "+".join([layers[index[0]]._name] + [layers[i]._name.rsplit(".", 1)[1] for i in index[1:]])
             results = _SyncBatchNormFunction.apply(
-                tuple(spec for _, spec in members), process_set, name, two_phase, *(inputs[i] for i in index),
+                tuple(layer for _, layer in members), process_set, name, two_phase, *(inputs[i] for i in index),
                 *(layers[i].weight for i in index), *(layers[i].bias for i in index))
             for i, out in zip(index, results):
                 outputs[i] = out
@@ -275,17 +312,17 @@ class SyncBatchNorm(_BatchNorm):
 
     def _start_batch(self, input):
         """Check `input` and count the batch as torch's _BatchNorm.forward does; returns (use batch
-        statistics, running_mean, running_var, momentum factor) for F.batch_norm."""
+        statistics, running_mean, running_var, this batch's momentum) for F.batch_norm."""
         self._check_input_dim(input)
         self.input_dim = input.dim()
-        factor = 0.0 if self.momentum is None else self.momentum
+        momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         running_mean = self.running_mean if not self.training or self.track_running_stats else None
         running_var = self.running_var if not self.training or self.track_running_stats else None
-        return use_batch_stats, running_mean, running_var, factor
+        return use_batch_stats, running_mean, running_var, momentum
 
     def extra_repr(self):
         return f"{super().extra_repr()}, two_phase={self.two_phase}"

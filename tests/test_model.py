@@ -144,12 +144,13 @@ def test_resnets_match_torchvisions_in_keys_initialisation_and_outputs(name, ref
 
 
 @pytest.mark.skipif(not HAS_SYNC_BN, reason="hvd_megdet.sync_bn / horovod not importable")
-def test_cgbn_norms_run_together_where_inputs_are_independent():
+def test_cgbn_norms_share_collectives_where_inputs_are_independent():
     """FPN: the 4 lateral norms, then the 4 output norms; each downsampling block: bn1 with the shortcut's."""
     from hvd_megdet.sync_bn import SyncBatchNorm
 
     model = _build("cgbn", **TINY)
-    with mock.patch.object(SyncBatchNorm, "forward_together", wraps=SyncBatchNorm.forward_together) as together:
+    with mock.patch.object(SyncBatchNorm, "forward_sharing_collectives",
+                           wraps=SyncBatchNorm.forward_sharing_collectives) as together:
         model.backbone(torch.randn(2, 3, 96, 128))
     fused = [c.args[0] for c in together.call_args_list if len(c.args[0]) > 1]
     body, fpn = model.backbone.body, model.backbone.fpn

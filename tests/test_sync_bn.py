@@ -405,13 +405,13 @@ def _cuda_semantics():
     return errors, counts, {}
 
 
-# Layers fused by forward_together: (input dims after N and C, channels, extra BatchNorm kwargs).
+# Layers fused by forward_sharing_collectives: (input dims after N and C, channels, extra BatchNorm kwargs).
 FUSED = [((3, 4), 3, {}), ((5,), 4, {"momentum": None}), ((2, 3), 2, {"affine": False}),
          ((), 5, {"track_running_stats": False})]
 
 
 def _fused(rank, size, two_phase, iters=2):
-    """forward_together on FUSED's four layers against nn.BatchNorm on each full batch: errors of outputs,
+    """forward_sharing_collectives on FUSED's four layers against nn.BatchNorm on each full batch: errors of outputs,
     input gradients, weight/bias gradients summed over ranks and buffers, and allreduces per call."""
     sizes = _sizes("uneven", size)
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
@@ -423,7 +423,7 @@ def _fused(rank, size, two_phase, iters=2):
         batches = [_batch(sizes, c, spatial, seed=10 * it + j) for j, (spatial, c, _) in enumerate(FUSED)]
         xs = [x[lo:hi].clone().requires_grad_() for x, _ in batches]
         with mock.patch.object(hvd, "allreduce_async_", wraps=hvd.allreduce_async_) as allreduce:
-            ys = SyncBatchNorm.forward_together([sbn.train(mode == "train") for sbn, _ in pairs], xs)
+            ys = SyncBatchNorm.forward_sharing_collectives([sbn.train(mode == "train") for sbn, _ in pairs], xs)
             counts[f"fused/{two_phase}/torch.float64/{mode}/forward"] = allreduce.call_count
             sum((y * g[lo:hi]).sum() for y, (_, g) in zip(ys, batches)).backward()
             counts[f"fused/{two_phase}/torch.float64/{mode}/backward"] = allreduce.call_count
@@ -444,7 +444,7 @@ def _fused(rank, size, two_phase, iters=2):
 
 
 def _fused_battery():
-    """Rank-side: forward_together with both algorithms, then layers of mixed algorithms in one call."""
+    """Rank-side: forward_sharing_collectives with both algorithms, then layers of mixed algorithms in one call."""
     rank, size = _init()
     errors, counts, flags = {}, {}, {}
     for two_phase in (True, False):
@@ -453,7 +453,7 @@ def _fused_battery():
         counts.update(c)
     mixed = [SyncBatchNorm(3, two_phase=True), SyncBatchNorm(3, two_phase=False), SyncBatchNorm(3, two_phase=True)]
     with mock.patch.object(hvd, "allreduce_async_", wraps=hvd.allreduce_async_) as allreduce:
-        SyncBatchNorm.forward_together(mixed, [torch.randn(2, 3, 4) for _ in mixed])
+        SyncBatchNorm.forward_sharing_collectives(mixed, [torch.randn(2, 3, 4) for _ in mixed])
         flags["mixed algorithms: one fused set per algorithm"] = allreduce.call_count == 2 + 1
     return errors, counts, flags
 

@@ -106,7 +106,7 @@ def paper_efficiency(hours_small=33.0, gpus_small=8, hours_large=4.0, gpus_large
 
 def count_model(num_classes=81):
     """{"params", "cgbn_syncs"} of hvd_megdet's R50-FPN with norm="cgbn": CGBN's synchronization points are
-    counted as calls of SyncBatchNorm.forward_together (every CGBN layer goes through it; fused layers
+    counted as calls of SyncBatchNorm.forward_sharing_collectives (every CGBN layer goes through it; fused layers
     share one call) in one forward pass of a small image, in a world of 1 (no collective is issued)."""
     from unittest import mock
 
@@ -116,8 +116,8 @@ def count_model(num_classes=81):
     from hvd_megdet.sync_bn import SyncBatchNorm
 
     model = build_model(num_classes, backbone="resnet50", norm="cgbn").eval()
-    with mock.patch.object(SyncBatchNorm, "forward_together", wraps=SyncBatchNorm.forward_together) as calls, \
-            torch.no_grad():
+    sharing = SyncBatchNorm.forward_sharing_collectives
+    with mock.patch.object(SyncBatchNorm, "forward_sharing_collectives", wraps=sharing) as calls, torch.no_grad():
         model([torch.rand(3, 64, 64)])
     return {"params": sum(p.numel() for p in model.parameters()), "cgbn_syncs": calls.call_count}
 
