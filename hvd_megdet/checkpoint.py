@@ -7,6 +7,7 @@ half-written checkpoint under a final name. Loading uses `torch.load(weights_onl
 not plain tensors and containers are refused. The trainer never saves non-finite weights (`first_nonfinite`).
 """
 import os
+import random
 import re
 from pathlib import Path
 
@@ -156,6 +157,20 @@ def first_nonfinite(tree, prefix=""):
     device = named[0][1].device
     finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).tolist()
     return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+
+
+def rng_state():
+    """This process's random number generators' states (torch, Python, CUDA), for a checkpoint's "rng"."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    """Restore states saved by `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def path_for(output_dir, iteration):

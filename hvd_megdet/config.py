@@ -92,6 +92,10 @@ class Config:
     log_period: int = 20
     output_dir: str = "output"
     seed: int = 0
+    # Seconds a rank may wait in one collective before the job ends with an error naming the rank that holds
+    # it up (stopped, hung, or gone); 0 = wait forever. Must exceed the longest time one rank works alone,
+    # e.g. rank 0's COCO evaluation while the others wait for its result. Not used with --elastic.
+    stall_limit: int = 300
 
 
 CHOICES = {
@@ -108,7 +112,7 @@ POSITIVE = ("model.rpn_pre_nms_top_n_train", "model.rpn_post_nms_top_n_train", "
             "solver.backward_passes_per_step", "input.max_size", "checkpoint_period", "log_period")
 NON_NEGATIVE = ("model.bn_group_size", "solver.warmup_iters", "solver.momentum", "solver.weight_decay",
                 "solver.weight_decay_norm", "solver.clip_grad_norm", "eval_period", "data.num_workers",
-                "input.test_min_size")
+                "input.test_min_size", "stall_limit")
 
 
 def _check_type(value, tp, key, where):
@@ -237,6 +241,11 @@ def to_dict(cfg):
     return dataclasses.asdict(cfg)
 
 
+def dump(cfg):
+    """The config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg, path):
     """Write the resolved config as YAML, so a run can be repeated with exactly these settings."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(dump(cfg))

@@ -2,13 +2,15 @@
 
 `next_batch` loads this rank's batch and agrees with the other ranks that every rank has one, so an error
 that only one rank sees (an unreadable image in its shard) stops all ranks together instead of leaving them
-waiting in a collective. `train_step` is the whole iteration after the batch is loaded: forward, backward
-(Horovod averages the gradients during it), one consistency check across ranks, optional clipping, and the
-optimizer step. `evaluate` runs inference on this rank's exact shard of the validation set, gathers the
-detections on rank 0, scores them with COCOeval and shares the metrics with every rank.
+waiting in a collective. `train_step` is the whole iteration after the batch is loaded: forward and backward
+(Horovod averages the gradients during it), one agreement across ranks on the losses and their finiteness,
+then the optimizer step, or a skipped step that leaves the model as it was. `evaluate` runs inference on
+this rank's exact shard of the validation set, gathers the detections on rank 0, scores them with COCOeval
+and shares the metrics with every rank.
 """
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -79,47 +81,81 @@ def _running_stats(model):
             for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
 
 
-def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, clip_grad_norm=0.0):
-    """One SGD iteration on this rank's batch; returns (losses averaged over ranks, nonfinite).
+@dataclass
+class StepResult:
+    """One training step, the same on every rank. `losses`: each loss averaged over the ranks, and "loss",
+    their sum. `nonfinite`: None when the step was taken; when some rank's loss or the averaged gradient was
+    not finite, no rank stepped and it is every rank's report [{"rank", "losses" (that rank's own),
+    "loss_finite", "grads_finite"}, ...], for the caller to count or stop on."""
+    losses: dict
+    nonfinite: list | None = None
 
-    `optimizer` is an hvd.DistributedOptimizer. The losses of all ranks and a non-finite flag travel in one
-    allreduce, so every rank takes the same decision: when any rank's loss or the averaged gradient is not
-    finite, no rank steps, the forward's update of the BatchNorm running statistics is undone (they would
-    stay NaN for good), and `nonfinite` is every rank's report, [{"rank", "losses" (that rank's own),
-    "loss_finite", "grads_finite"}, ...], for the caller to count or stop on; else `nonfinite` is None.
-    """
-    device = images[0].device
-    stats_before = [buf.clone() for buf in _running_stats(model)]
-    with autocast(device, amp):
+    @property
+    def skipped(self):
+        return self.nonfinite is not None
+
+
+def _forward_backward(model, images, targets, amp, scaler):
+    """The detector's losses on this rank's batch, back-propagated (scaled when a GradScaler is given);
+    returns {name: loss as a Python float}. Horovod's DistributedOptimizer starts the gradient allreduces
+    meanwhile."""
+    with autocast(images[0].device, amp):
         loss_dict = model(images, targets)
     loss = sum(loss_dict.values())
-    optimizer.zero_grad()
     (scaler.scale(loss) if scaler else loss).backward()
+    values = torch.stack([v.detach().float() for v in loss_dict.values()]).tolist()  # one host sync
+    return dict(zip(loss_dict, values))
+
+
+def _parameters(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _agree(local_losses, finite):
+    """(losses averaged over the ranks, with their sum "loss"; whether every rank is `finite`) from one small
+    allreduce of this rank's {name: loss} and flag, so every rank takes the same decision."""
+    names = sorted(local_losses)
+    stats = torch.tensor([local_losses[k] for k in names] + [float(not finite)], dtype=torch.float64)
+    # Horovod: one small allreduce gives every rank the mean losses and whether any rank saw a non-finite value.
+    totals = dist.allreduce_sum(stats, name="train_step_stats")
+    losses = {k: v / dist.size() for k, v in zip(names, totals[:-1].tolist())}
+    losses["loss"] = sum(losses.values())
+    return losses, totals[-1].item() == 0
+
+
+def _nonfinite_report(local_losses, loss_finite, grads_finite):
+    """Every rank's own view of a skipped step, so that the log names the rank(s) whose loss was not finite."""
+    # Horovod: gathered from every rank (a rare path: only when a step is skipped).
+    return dist.gather_object({"rank": dist.rank(), "losses": dict(sorted(local_losses.items())),
+                               "loss_finite": loss_finite, "grads_finite": grads_finite}, name="nonfinite")
+
+
+def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, clip_grad_norm=0.0):
+    """One SGD iteration on this rank's batch; returns a StepResult, the same on every rank.
+
+    `optimizer` is an hvd.DistributedOptimizer: the gradients are averaged over the ranks during backward.
+    When any rank's loss or the averaged gradient is not finite, no rank steps, and the forward's update of
+    the BatchNorm running statistics is undone (they would stay NaN for good). Else the gradients are
+    clipped to `clip_grad_norm` (0 = off) and the optimizer steps (through `scaler` when given).
+    """
+    stats_before = [buf.clone() for buf in _running_stats(model)]
+    optimizer.zero_grad()
+    local_losses = _forward_backward(model, images, targets, amp, scaler)
     # Horovod: wait for the gradient allreduces started during backward, so the check and clipping see them.
     optimizer.synchronize()
     if scaler:
         scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grads = [p.grad for p in params if p.grad is not None]
-    loss_finite, grads_ok = math.isfinite(loss.item()), first_nonfinite(grads) is None
-    names = sorted(loss_dict)
-    local = [loss_dict[k].item() for k in names]
-    stats = torch.tensor(local + [float(not (loss_finite and grads_ok))], dtype=torch.float64)
-    # Horovod: one small allreduce gives every rank the mean losses and whether any rank saw a non-finite value.
-    stats = dist.allreduce_sum(stats, name="train_step_stats")
-    bad = stats[-1].item() > 0
-    losses = {k: v / dist.size() for k, v in zip(names, stats[:-1].tolist())}
-    losses["loss"] = sum(losses.values())
-    if bad:
+    params = _parameters(optimizer)
+    loss_finite = all(map(math.isfinite, local_losses.values()))
+    grads_finite = first_nonfinite([p.grad for p in params if p.grad is not None]) is None
+    losses, all_finite = _agree(local_losses, loss_finite and grads_finite)
+    if not all_finite:
         optimizer.zero_grad()
         for buf, before in zip(_running_stats(model), stats_before):
             buf.copy_(before)
         if scaler:  # let the scaler lower its scale, as it would on an overflow
             scaler.update()
-        # Horovod: every rank's own view, so that the log names the rank(s) whose loss was not finite.
-        report = dist.gather_object({"rank": dist.rank(), "losses": dict(zip(names, local)),
-                                     "loss_finite": loss_finite, "grads_finite": grads_ok}, name="nonfinite")
-        return losses, report
+        return StepResult(losses, _nonfinite_report(local_losses, loss_finite, grads_finite))
     if clip_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
     # Horovod: gradients are already averaged; step without a second synchronize.
@@ -129,7 +165,7 @@ def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, cli
             scaler.update()
         else:
             optimizer.step()
-    return losses, None
+    return StepResult(losses)
 
 
 @torch.no_grad()

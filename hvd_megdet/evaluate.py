@@ -11,9 +11,10 @@ import torch
 
 from hvd_megdet import checkpoint, dist
 from hvd_megdet.config import ConfigError, load_config
-from hvd_megdet.data import build_val_loader, load_coco
+from hvd_megdet.data import build_val_loader, load_coco, val_dataset
 from hvd_megdet.engine import evaluate
-from hvd_megdet.train import USER_ERRORS, model_from_config, parse_args, val_dataset
+from hvd_megdet.model import detector_from_config
+from hvd_megdet.train import USER_ERRORS, parse_args
 
 
 def evaluate_checkpoint(cfg):
@@ -31,7 +32,7 @@ def evaluate_checkpoint(cfg):
     num_classes = len(val_set.label_to_cat_id)  # K categories + background
     # Inference uses running statistics only, so CGBN layers become plain BN: no collective per layer.
     norm = "bn" if cfg.model.norm == "cgbn" else cfg.model.norm
-    model = model_from_config(cfg.model, num_classes, norm=norm, channels_last=cfg.channels_last).to(device)
+    model = detector_from_config(cfg.model, num_classes, norm=norm, channels_last=cfg.channels_last).to(device)
     loader = build_val_loader(val_set, dist.rank(), dist.size(), cfg.data.num_workers)
     coco_gt = load_coco(cfg.data.val.annotations) if dist.is_main() else None
     iteration = int(checkpoint.load(cfg.model.weights).get("iteration", 0))

@@ -37,7 +37,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from hvd_megdet.checkpoint import mismatched_keys
+from hvd_megdet.checkpoint import CheckpointError, mismatched_keys
 
 NORMS = ("frozen", "bn", "cgbn")
 # The stages of a ResNet from the input on; `trainable_backbone_layers=k` trains the last k of them.
@@ -266,6 +266,27 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def detector_from_config(m, num_classes, norm=None, process_set=None, channels_last=False):
+    """The detector of model config `m` (config.ModelConfig), with `norm` overriding m.norm (evaluation uses
+    plain BN for CGBN), computing in channels_last when asked (`use_channels_last`). A missing or unusable
+    m.weights file raises CheckpointError naming it (and the mismatching keys)."""
+    model = build_model(num_classes, backbone=m.backbone, norm=norm or m.norm, process_set=process_set,
+                        two_phase=m.two_phase, anchor_sizes=m.anchor_sizes,
+                        trainable_backbone_layers=m.trainable_backbone_layers,
+                        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
+                        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+                        rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
+                        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+                        box_batch_size_per_image=m.box_batch_size_per_image,
+                        box_detections_per_img=m.box_detections_per_img)
+    if m.weights:
+        try:
+            load_weights(model, m.weights)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"model.weights: {e}") from None
+    return use_channels_last(model) if channels_last else model
 
 
 def use_channels_last(model):

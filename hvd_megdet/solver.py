@@ -31,6 +31,16 @@ def decay_multiplier(iteration, solver):
     return solver.gamma ** bisect.bisect_right(solver.steps, iteration)
 
 
+def describe_scaling(solver, world_size, iters_per_epoch):
+    """One line saying what the linear scaling rule and the warmup set for `world_size` ranks."""
+    global_batch = solver.ims_per_gpu * world_size
+    lr = scaled_lr(solver.base_lr, solver.base_batch, global_batch)
+    return (f"world size {world_size} x {solver.ims_per_gpu} images = global batch {global_batch}; "
+            f"lr {solver.base_lr} x {global_batch}/{solver.base_batch} = {lr:g} (linear scaling rule); "
+            f"warmup from {solver.warmup_factor:g} x lr over {solver.warmup_iters} iterations; "
+            f"{iters_per_epoch} iterations per epoch")
+
+
 def lr_at(iteration, solver, world_size):
     """The learning rate used for `iteration` (0-based) with `world_size` ranks of `solver.ims_per_gpu` images."""
     lr = scaled_lr(solver.base_lr, solver.base_batch, solver.ims_per_gpu * world_size)
@@ -55,6 +65,19 @@ def param_groups(model, solver):
 def build_optimizer(model, solver, lr):
     """SGD with momentum over `param_groups`, starting at `lr`."""
     return torch.optim.SGD(param_groups(model, solver), lr=lr, momentum=solver.momentum)
+
+
+def init_optimizer_state(optimizer):
+    """Create SGD's momentum buffers as zeros now, which is exactly what SGD's first step does lazily.
+
+    Why: hvd.broadcast_optimizer_state initializes an empty optimizer state by an SGD step with zero
+    gradients, which still applies weight decay to the parameters. On a resume only ranks other than 0 have
+    an empty state, so only they would take that step, after the parameters were broadcast, and the ranks
+    would no longer hold the same weights (the same happens to a worker joining an elastic job).
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
 
 
 def set_lr(optimizer, lr):

@@ -6,32 +6,33 @@
     horovodrun -np 64 --min-np 32 --max-np 64 --host-discovery-script ./discover_hosts.sh \
         python -m hvd_megdet.train --config ... --elastic            # see docs/robustness.md
 
-The order follows Horovod's ImageNet example: init, pin the device, shard the data, scale the lr by the
-world size, wrap the optimizer, broadcast parameters and optimizer state; rank 0 alone writes, and only
-under output_dir. Errors end every rank with one line `error: ...` (docs/robustness.md lists the cases).
+`train` follows Horovod's ImageNet example: init, pin the device, scale the lr by the world size, wrap the
+optimizer, broadcast parameters and optimizer state; then `Trainer.run` shards the data and runs the loop.
+Rank 0 alone writes, and only under output_dir. Errors end every rank with one line `error: ...`
+(docs/robustness.md lists the cases).
 """
 import argparse
 import json
 import random
 import sys
 import time
-import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import horovod.torch as hvd
 import torch
 from horovod.common.exceptions import HorovodInternalError
-from tqdm import tqdm
 
 from hvd_megdet import checkpoint, dist
 from hvd_megdet import elastic as hvd_elastic
-from hvd_megdet.config import ConfigError, load_config, save_config, to_dict
-from hvd_megdet.data import (CocoDetection, DatasetError, build_train_loader, build_transforms, build_val_loader,
-                             load_coco)
-from hvd_megdet.data.sampler import epoch_length
+from hvd_megdet.config import ConfigError, dump, load_config, save_config, to_dict
+from hvd_megdet.data import (DatasetError, build_train_loader, build_val_loader, epoch_length, load_coco,
+                             train_dataset, val_dataset)
 from hvd_megdet.engine import evaluate, next_batch, to_device, train_step
-from hvd_megdet.model import build_model, load_weights, use_channels_last
-from hvd_megdet.solver import build_optimizer, lr_at, scaled_lr, set_lr
+from hvd_megdet.logs import MetricsWriter, log, log_to_file
+from hvd_megdet.model import detector_from_config
+from hvd_megdet.solver import (build_optimizer, describe_scaling, init_optimizer_state, lr_at, scaled_lr,
+                               set_lr)
 from hvd_megdet.sync_bn import bn_group
 
 
@@ -44,51 +45,6 @@ def parse_args(argv=None):
                              "--min-np/--max-np/--host-discovery-script)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. solver.max_iter=100")
     return parser.parse_args(argv)
-
-
-def log(*args):
-    """Print on rank 0 only."""
-    if dist.is_main():
-        tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
-
-
-def train_dataset(cfg):
-    """The training set with the training transforms of `cfg.input`."""
-    inp = cfg.input
-    return CocoDetection(cfg.data.train.images, cfg.data.train.annotations,
-                         transforms=build_transforms(True, inp.min_size, inp.max_size, inp.flip_prob),
-                         keep_empty=cfg.data.keep_empty_train)
-
-
-def val_dataset(cfg):
-    """The validation set (every image, with or without annotations) at the test size, or None if unset."""
-    if not cfg.data.val.annotations:
-        return None
-    inp = cfg.input
-    test_size = inp.test_min_size or inp.min_size[-1]
-    return CocoDetection(cfg.data.val.images, cfg.data.val.annotations,
-                         transforms=build_transforms(False, [test_size], inp.max_size), keep_empty=True)
-
-
-def model_from_config(m, num_classes, norm=None, process_set=None, channels_last=False):
-    """The detector of model config `m`, with `norm` overriding m.norm (evaluation uses plain BN for CGBN),
-    computing in channels_last when asked (`model.use_channels_last`). A missing or unusable m.weights file
-    raises CheckpointError naming it (and the mismatching keys)."""
-    model = build_model(num_classes, backbone=m.backbone, norm=norm or m.norm, process_set=process_set,
-                        two_phase=m.two_phase, anchor_sizes=m.anchor_sizes,
-                        trainable_backbone_layers=m.trainable_backbone_layers,
-                        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
-                        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
-                        rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
-                        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
-                        box_batch_size_per_image=m.box_batch_size_per_image,
-                        box_detections_per_img=m.box_detections_per_img)
-    if m.weights:
-        try:
-            load_weights(model, m.weights)
-        except (OSError, ValueError) as e:
-            raise checkpoint.CheckpointError(f"model.weights: {e}") from None
-    return use_channels_last(model) if channels_last else model
 
 
 def bn_process_set(bn_group_size, elastic):
@@ -109,41 +65,6 @@ def bn_process_set(bn_group_size, elastic):
     return bn_group(k)
 
 
-def log_scaling(cfg, world, num_images):
-    """Log the global batch and the lr the linear scaling rule gives for `world` ranks."""
-    global_batch = cfg.solver.ims_per_gpu * world
-    lr = scaled_lr(cfg.solver.base_lr, cfg.solver.base_batch, global_batch)
-    log(f"world size {world} x {cfg.solver.ims_per_gpu} images = global batch {global_batch}; "
-        f"lr {cfg.solver.base_lr} x {global_batch}/{cfg.solver.base_batch} = {lr:g} (linear scaling rule); "
-        f"warmup from {cfg.solver.warmup_factor:g} x lr over {cfg.solver.warmup_iters} iterations; "
-        f"{epoch_length(num_images, global_batch)} iterations per epoch")
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def init_optimizer_state(optimizer):
-    """Create SGD's momentum buffers as zeros now, which is exactly what SGD's first step does lazily.
-
-    Why: hvd.broadcast_optimizer_state initializes an empty optimizer state by an SGD step with zero
-    gradients, which still applies weight decay to the parameters. On a resume only ranks other than 0 have
-    an empty state, so only they would take that step, after the parameters were broadcast, and the ranks
-    would no longer hold the same weights (the same happens to a worker joining an elastic job).
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
-
-
 def restore_latest(out, model, optimizer):
     """Load the newest loadable checkpoint under `out` into model and optimizer.
 
@@ -162,19 +83,136 @@ def restore_latest(out, model, optimizer):
     return int(state["iteration"]), state.get("rng"), None
 
 
-def open_metrics(path, start_iter):
-    """metrics.jsonl opened for appending, holding only the records of iterations <= start_iter: a resumed
-    run writes the later ones again, and a killed run may have left a partial last line."""
-    kept = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["iteration"] <= start_iter:
-                    kept.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass
-    checkpoint.write_atomic(path, lambda f: f.write("".join(kept).encode()))
-    return open(path, "a")
+@dataclass
+class Progress:
+    """Where training stands: the next iteration to run (also the training sampler's position) and the number
+    of skipped steps. In elastic mode Horovod's TorchState carries the same two counters."""
+    iteration: int = 0
+    skipped: int = 0
+
+
+def due(iteration, period, max_iter):
+    """True after every `period`-th iteration (period 0: never) and after the last one."""
+    return iteration == max_iter or (period > 0 and iteration % period == 0)
+
+
+class Trainer:
+    """The training loop (`run`) and the work done around it: checkpoints, evaluations, metrics, the reaction
+    to a skipped step. Holds what the loop shares; `train` builds it."""
+
+    def __init__(self, cfg, model, optimizer, train_set, val_set, device, elastic=False):
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.train_set, self.val_set, self.device, self.elastic = train_set, val_set, device, elastic
+        self.out = Path(cfg.output_dir)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
+        self.coco_gt = None  # rank 0's validation ground truth, loaded at the first evaluation
+        self.val_loader = None
+        self.writer = None  # rank 0's MetricsWriter, opened by whichever process is rank 0 (elastic: may change)
+
+    def run(self, progress):
+        """Train from progress.iteration to solver.max_iter, updating `progress`; returns the final evaluation's
+        metrics (None without a validation set). Elastic mode calls it again, with the state of the last
+        commit, whenever the workers change."""
+        cfg, solver = self.cfg, self.cfg.solver
+        world = dist.size()
+        images_per_iteration = solver.ims_per_gpu * world
+        iters_per_epoch = epoch_length(len(self.train_set), images_per_iteration)
+        log(describe_scaling(solver, world, iters_per_epoch))
+        if len(self.train_set) < world:
+            raise DatasetError(f"{cfg.data.train.annotations}: {len(self.train_set)} training images for {world} "
+                               f"ranks: every rank needs at least one")
+        # Horovod: each rank reads its own shard of the training set, from the current iteration on, and
+        # evaluates its own shard of the validation set.
+        batches = iter(build_train_loader(self.train_set, solver.ims_per_gpu, dist.rank(), world, cfg.seed,
+                                          cfg.data.num_workers, start_iter=progress.iteration))
+        if self.val_set is not None:
+            self.val_loader = build_val_loader(self.val_set, dist.rank(), world, cfg.data.num_workers)
+        if dist.is_main() and self.writer is None:
+            self.writer = MetricsWriter(self.out, progress.iteration, solver.max_iter, cfg.log_period)
+        if progress.iteration >= solver.max_iter:
+            log(f"already at iteration {progress.iteration} of {solver.max_iter}: nothing to train")
+            return self.evaluate(progress.iteration)
+
+        metrics = None
+        self.model.train()
+        start = time.perf_counter()
+        for iteration in range(progress.iteration, solver.max_iter):
+            images, targets = to_device(*next_batch(batches), self.device)
+            data_time = time.perf_counter() - start
+            lr = lr_at(iteration, solver, world)
+            set_lr(self.optimizer, lr)
+            step = train_step(self.model, self.optimizer, images, targets, amp=cfg.amp, scaler=self.scaler,
+                              clip_grad_norm=solver.clip_grad_norm)
+            if step.skipped:
+                progress.skipped += 1
+                self.on_skipped_step(iteration, lr, step, progress.skipped)
+            step_time = time.perf_counter() - start
+            done = iteration + 1
+            if due(done, cfg.checkpoint_period, solver.max_iter):
+                self.checkpoint(done)
+            if due(done, cfg.eval_period, solver.max_iter):
+                metrics = self.evaluate(done)
+            progress.iteration = done
+            if dist.is_main():
+                self.writer.write({"iteration": done, "epoch": done / iters_per_epoch, "lr": lr, **step.losses,
+                                   "skipped": progress.skipped, "world_size": world, "time": step_time,
+                                   "data_time": data_time}, images_per_iteration)
+            if self.elastic:
+                # Horovod: the state to roll back to when a worker is lost. Last: a failure in a collective
+                # above redoes the iteration, whose record is written only after them.
+                progress.commit()
+            start = time.perf_counter()
+        log(f"done: {solver.max_iter} iterations, {progress.skipped} skipped; outputs in {self.out}"
+            + (f"; bbox AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f}" if metrics else ""))
+        return metrics
+
+    def checkpoint(self, iteration):
+        """Checkpoint `iteration` (rank 0 writes), unless some rank's weights are not finite: then raise."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        nonfinite = checkpoint.first_nonfinite(state)
+        # Horovod: every rank's RNG state goes into the checkpoint, so a resumed run repeats this one exactly;
+        # and every rank learns whether any rank's weights are non-finite, so all stop together.
+        gathered = dist.gather_object((checkpoint.rng_state(), nonfinite), name=f"checkpoint_{iteration}")
+        bad = [(r, name) for r, (_, name) in enumerate(gathered) if name]
+        if bad:
+            raise FloatingPointError(f"iteration {iteration}: {bad[0][1]} is not finite on rank {bad[0][0]}; "
+                                     f"checkpoint not written")
+        if dist.is_main():
+            checkpoint.save({**state, "iteration": iteration, "config": to_dict(self.cfg),
+                             "rng": [rng for rng, _ in gathered]}, checkpoint.path_for(self.out, iteration))
+
+    def evaluate(self, iteration):
+        """COCO evaluation of the model on the validation set (every rank its shard); the metrics, or None
+        without a validation set."""
+        if self.val_set is None:
+            return None
+        if dist.is_main() and self.coco_gt is None:
+            self.coco_gt = load_coco(self.cfg.data.val.annotations)
+        metrics = evaluate(self.model, self.val_loader, self.coco_gt, self.train_set.label_to_cat_id, self.device,
+                           self.out, iteration, self.cfg.amp)
+        log(f"iter {iteration}: bbox " + " ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+        if dist.is_main():
+            self.writer.write_eval(iteration, metrics)
+        return metrics
+
+    def on_skipped_step(self, iteration, lr, step, skipped):
+        """Log a skipped step, or write the diagnostics and stop (solver.nonfinite)."""
+        ranks = [r["rank"] for r in step.nonfinite if not r["loss_finite"]]
+        what = (f"non-finite loss on rank {', '.join(map(str, ranks))}" if ranks
+                else "non-finite gradient (after averaging over the ranks)")
+        if self.cfg.solver.nonfinite == "skip":
+            log(f"warning: iteration {iteration}: {what}; step skipped ({skipped} so far)")
+            return
+        path = self.out / f"nonfinite_{iteration:07d}.json"
+        if dist.is_main():
+            path.write_text(json.dumps({"iteration": iteration, "lr": lr, "world_size": dist.size(),
+                                        "mean_losses": step.losses, "ranks": step.nonfinite}, indent=1))
+        raise FloatingPointError(f"iteration {iteration}: {what}; stopping (solver.nonfinite=stop); "
+                                 f"diagnostics in {path}")
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
 
 
 def train(cfg, resume=False, elastic=False):
@@ -189,13 +227,12 @@ def train(cfg, resume=False, elastic=False):
                           "--host-discovery-script SCRIPT ...")
     # Horovod: initialize the library.
     dist.init()
-    rank = dist.rank()
     # Horovod: pin this process to its local GPU (CPU: split the cores between local ranks).
     device = dist.device_for(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(dist.torch_threads_per_rank())
-    random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + dist.rank())
+    torch.manual_seed(cfg.seed + dist.rank())
     out = Path(cfg.output_dir)
 
     train_set, val_set = train_dataset(cfg), val_dataset(cfg)
@@ -205,8 +242,8 @@ def train(cfg, resume=False, elastic=False):
         + ", ".join(f"{n} {what}" for what, n in train_set.dropped.items()))
     num_classes = len(train_set.label_to_cat_id)  # K categories + background
     # CGBN groups of model.bn_group_size consecutive ranks (0 = all ranks); every rank registers all groups.
-    model = model_from_config(cfg.model, num_classes, process_set=bn_process_set(cfg.model.bn_group_size, elastic),
-                              channels_last=cfg.channels_last).to(device)
+    model = detector_from_config(cfg.model, num_classes, process_set=bn_process_set(cfg.model.bn_group_size, elastic),
+                                 channels_last=cfg.channels_last).to(device)
 
     # Horovod: scale the lr by the world size (MegDet's linear scaling rule, see solver.scaled_lr), then
     # average gradients with allreduce, fused and overlapped with the backward pass.
@@ -230,143 +267,32 @@ def train(cfg, resume=False, elastic=False):
                                                                   name="resume_state")
         if error:
             raise checkpoint.CheckpointError(error)
-        if rng_states is not None and rank < len(rng_states):
-            set_rng_state(rng_states[rank])
+        if rng_states is not None and dist.rank() < len(rng_states):
+            checkpoint.set_rng_state(rng_states[dist.rank()])
     if not elastic:
         # Horovod: start every rank from rank 0's parameters, buffers and optimizer state.
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         dist.record_peers()
-
-    if dist.is_main():
+    if dist.is_main():  # only now: a run that fails on bad input writes nothing
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        log_to_file(out / "log.txt")
+    log(f"resolved config (also in {out / 'config.yaml'}):\n{dump(cfg).rstrip()}")
     log(f"{cfg.solver.max_iter} iterations; norm={cfg.model.norm} bn_group_size={cfg.model.bn_group_size}")
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
-    logs = {}  # rank 0's metrics.jsonl and TensorBoard writer, opened by whichever process is rank 0
 
-    def save(iteration):
-        """Checkpoint `iteration` (rank 0 writes), unless some rank's weights are not finite: then raise."""
-        nonfinite = checkpoint.first_nonfinite({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-        # Horovod: every rank's RNG state goes into the checkpoint, so a resumed run repeats this one exactly;
-        # and every rank learns whether any rank's weights are non-finite, so all stop together.
-        gathered = dist.gather_object((rng_state(), nonfinite), name=f"checkpoint_{iteration}")
-        bad = [(r, name) for r, (_, name) in enumerate(gathered) if name]
-        if bad:
-            raise FloatingPointError(f"iteration {iteration}: {bad[0][1]} is not finite on rank {bad[0][0]}; "
-                                     f"checkpoint not written")
-        if dist.is_main():
-            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "iteration": iteration, "config": to_dict(cfg), "rng": [g[0] for g in gathered]},
-                            checkpoint.path_for(out, iteration))
+    trainer = Trainer(cfg, model, optimizer, train_set, val_set, device, elastic)
+    try:
+        if elastic:
+            def on_reset():
+                # Horovod: re-initialization dropped the BN process sets; register the groups of the new world.
+                hvd_elastic.set_process_set(model, bn_process_set(cfg.model.bn_group_size, elastic=True))
 
-    def on_nonfinite(iteration, lr, losses, report, skipped):
-        """Log a skipped step, or write the diagnostics and stop (solver.nonfinite)."""
-        ranks = [r["rank"] for r in report if not r["loss_finite"]]
-        what = (f"non-finite loss on rank {', '.join(map(str, ranks))}" if ranks
-                else "non-finite gradient (after averaging over the ranks)")
-        if cfg.solver.nonfinite == "skip":
-            log(f"warning: iteration {iteration}: {what}; step skipped ({skipped} so far)")
-            return
-        path = out / f"nonfinite_{iteration:07d}.json"
-        if dist.is_main():
-            path.write_text(json.dumps({"iteration": iteration, "lr": lr, "world_size": dist.size(),
-                                        "mean_losses": losses, "ranks": report}, indent=1))
-        raise FloatingPointError(f"iteration {iteration}: {what}; stopping (solver.nonfinite=stop); "
-                                 f"diagnostics in {path}")
-
-    def loop(state):
-        """Iterations state.iteration..max_iter, then the final checkpoint and evaluation; returns (final
-        metrics, skipped steps). In elastic mode this is called again after every change of the workers."""
-        world = dist.size()
-        log_scaling(cfg, world, len(train_set))
-        if len(train_set) < world:
-            raise DatasetError(f"{cfg.data.train.annotations}: {len(train_set)} training images for {world} "
-                               f"ranks: every rank needs at least one")
-        # Horovod: each rank reads its own shard of the training set, from the current iteration on.
-        train_loader = build_train_loader(train_set, cfg.solver.ims_per_gpu, dist.rank(), world, cfg.seed,
-                                          cfg.data.num_workers, start_iter=state.iteration)
-        val_loader = build_val_loader(val_set, dist.rank(), world, cfg.data.num_workers) if val_set else None
-        coco_gt = load_coco(cfg.data.val.annotations) if val_set is not None and dist.is_main() else None
-        iters_per_epoch = epoch_length(len(train_set), cfg.solver.ims_per_gpu * world)
-        if dist.is_main() and not logs:
-            from torch.utils.tensorboard import SummaryWriter
-            logs.update(metrics=open_metrics(out / "metrics.jsonl", state.iteration), tb=SummaryWriter(str(out / "tb")))
-
-        def run_eval(iteration):
-            if val_loader is None:
-                return None
-            metrics = evaluate(model, val_loader, coco_gt, train_set.label_to_cat_id, device, out, iteration,
-                               cfg.amp)
-            log(f"iter {iteration}: bbox " + " ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
-            if dist.is_main():
-                for k, v in metrics.items():
-                    logs["tb"].add_scalar(f"bbox/{k}", v, iteration)
-            return metrics
-
-        model.train()
-        # A progress bar on a terminal; under horovodrun (output piped) a plain line every log_period instead.
-        bar = tqdm(total=cfg.solver.max_iter, initial=state.iteration, dynamic_ncols=True,
-                   disable=not (dist.is_main() and sys.stderr.isatty()))
-        data_iter = iter(train_loader)
-        t_data = time.perf_counter()
-        while state.iteration < cfg.solver.max_iter:
-            iteration = state.iteration
-            images, targets = next_batch(data_iter)
-            images, targets = to_device(images, targets, device)
-            data_time = time.perf_counter() - t_data
-            lr_now = lr_at(iteration, cfg.solver, world)
-            set_lr(optimizer, lr_now)
-            losses, nonfinite = train_step(model, optimizer, images, targets, amp=cfg.amp, scaler=scaler,
-                                           clip_grad_norm=cfg.solver.clip_grad_norm)
-            if nonfinite:
-                state.skipped += 1
-                on_nonfinite(iteration, lr_now, losses, nonfinite, state.skipped)
-            step_time = time.perf_counter() - t_data
-            done = iteration + 1
-            if done % cfg.checkpoint_period == 0 and done < cfg.solver.max_iter:
-                save(done)
-            if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.solver.max_iter:
-                run_eval(done)
-            state.iteration = done
-            if dist.is_main():
-                record = {"iteration": done, "epoch": done / iters_per_epoch, "lr": lr_now, **losses,
-                          "skipped": state.skipped, "world_size": world, "time": step_time,
-                          "data_time": data_time}
-                # One line per iteration, flushed: a killed run leaves whole lines.
-                logs["metrics"].write(json.dumps(record) + "\n")
-                logs["metrics"].flush()
-                bar.update(1)
-                bar.set_postfix(lr=f"{lr_now:.4g}", loss=f"{losses['loss']:.3f}")
-                if done % cfg.log_period == 0:
-                    if bar.disable:
-                        log(f"iter {done}/{cfg.solver.max_iter} epoch {record['epoch']:.2f} lr {lr_now:.4g} "
-                            + " ".join(f"{k} {v:.3f}" for k, v in losses.items())
-                            + f" time {step_time:.2f}s data {data_time:.2f}s")
-                    for k, v in record.items():
-                        if k != "iteration":
-                            logs["tb"].add_scalar(f"train/{k}", v, done)
-            # Elastic: the state to roll back to when a worker is lost (a no-op otherwise). Last: a failure in
-            # a collective above redoes the iteration, whose record is written only after them.
-            state.commit()
-            t_data = time.perf_counter()
-        bar.close()
-        save(cfg.solver.max_iter)
-        return run_eval(cfg.solver.max_iter), state.skipped
-
-    if elastic:
-        def on_reset():
-            # Horovod: re-initialization dropped the BN process sets; register the groups of the new world.
-            hvd_elastic.set_process_set(model, bn_process_set(cfg.model.bn_group_size, elastic=True))
-
-        metrics, skipped = hvd_elastic.run(loop, model, optimizer, on_reset, iteration=start_iter, skipped=0)
-    else:
-        metrics, skipped = loop(types.SimpleNamespace(iteration=start_iter, skipped=0, commit=lambda: None))
-    if dist.is_main():
-        logs["metrics"].close()
-        logs["tb"].close()
-        log(f"done: {cfg.solver.max_iter} iterations, {skipped} skipped; outputs in {out}"
-            + (f"; bbox AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f}" if metrics else ""))
+            metrics = hvd_elastic.run(trainer.run, model, optimizer, on_reset, iteration=start_iter, skipped=0)
+        else:
+            metrics = trainer.run(Progress(iteration=start_iter))
+    finally:
+        trainer.close()
     return model, metrics
 
 

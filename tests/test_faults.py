@@ -64,7 +64,7 @@ def _scenarios(runs):
     from hvd_megdet import train as trainer
     from hvd_megdet.config import load_config
 
-    build = trainer.model_from_config
+    build = trainer.detector_from_config
 
     def nan_on_rank_1(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -80,7 +80,7 @@ def _scenarios(runs):
 
     outcomes = {}
     for name, argv, inject_nan in runs:
-        trainer.model_from_config = nan_on_rank_1 if inject_nan else build
+        trainer.detector_from_config = nan_on_rank_1 if inject_nan else build
         try:
             model, _ = trainer.train(load_config(CONFIG, argv))
             outcomes[name] = {"digest": digest(model.state_dict())}

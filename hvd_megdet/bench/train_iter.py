@@ -188,7 +188,9 @@ def run(args):
     from hvd_megdet.data.synthetic import make_dataset
     from hvd_megdet.engine import next_batch, to_device, train_step
     from hvd_megdet.solver import build_optimizer, scaled_lr
-    from hvd_megdet.train import bn_process_set, model_from_config, train_dataset
+    from hvd_megdet.data import train_dataset
+    from hvd_megdet.model import detector_from_config
+    from hvd_megdet.train import bn_process_set
 
     if args.trace:
         args.trace.mkdir(parents=True, exist_ok=True)
@@ -209,7 +211,7 @@ def run(args):
         process_set = bn_process_set(0, elastic=False)
         for norm, (kind, two_phase) in VARIANTS.items():  # the same order on every rank: CGBN names its
             torch.manual_seed(cfg.seed)                      # collectives by layer creation order
-            model = model_from_config(dataclasses.replace(cfg.model, two_phase=two_phase), num_classes,
+            model = detector_from_config(dataclasses.replace(cfg.model, two_phase=two_phase), num_classes,
                                       norm=kind, process_set=process_set).train()
             # Horovod: average gradients during backward; parameter names prefixed so the models'
             # allreduces never share a name.

@@ -1,6 +1,7 @@
 """Data: COCO-format datasets, box-aware transforms, samplers, and the train / val DataLoaders.
 
-Ranks and world sizes are plain ints; nothing here talks to Horovod.
+Ranks and world sizes are plain ints; nothing here talks to Horovod. `train_dataset(cfg)` and
+`val_dataset(cfg)` build the datasets a config names.
 """
 import multiprocessing
 
@@ -13,7 +14,27 @@ from .sampler import InferenceShard, TrainBatchSampler, epoch_length
 from .transforms import build_transforms, resize_scale
 
 __all__ = ["CocoDetection", "DatasetError", "load_coco", "InferenceShard", "TrainBatchSampler", "epoch_length",
-           "build_transforms", "resize_scale", "build_train_loader", "build_val_loader", "collate"]
+           "build_transforms", "resize_scale", "build_train_loader", "build_val_loader", "collate",
+           "train_dataset", "val_dataset"]
+
+
+def train_dataset(cfg):
+    """The training set of config `cfg`, with the training transforms of `cfg.input`."""
+    inp = cfg.input
+    return CocoDetection(cfg.data.train.images, cfg.data.train.annotations,
+                         transforms=build_transforms(True, inp.min_size, inp.max_size, inp.flip_prob),
+                         keep_empty=cfg.data.keep_empty_train)
+
+
+def val_dataset(cfg):
+    """The validation set of `cfg` (every image, with or without annotations) at the test size, or None if
+    it names no annotations."""
+    if not cfg.data.val.annotations:
+        return None
+    inp = cfg.input
+    test_size = inp.test_min_size or inp.min_size[-1]
+    return CocoDetection(cfg.data.val.images, cfg.data.val.annotations,
+                         transforms=build_transforms(False, [test_size], inp.max_size), keep_empty=True)
 
 
 def collate(batch):

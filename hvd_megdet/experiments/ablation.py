@@ -62,7 +62,7 @@ import yaml
 
 from hvd_megdet import process
 from hvd_megdet.config import ConfigError, load_config, merge
-from hvd_megdet.data import DatasetError, epoch_length
+from hvd_megdet.data import DatasetError, epoch_length, train_dataset
 from hvd_megdet.solver import scaled_lr
 
 NORMS = ("frozen", "bn", "cgbn")
@@ -173,7 +173,6 @@ def override_args(mapping):
 
 def count_train_images(cfg):
     """The number of training images the trainer will use (its own dataset class and filtering)."""
-    from hvd_megdet.train import train_dataset  # imports Horovod: only when counting is needed
     try:
         return len(train_dataset(cfg))
     except DatasetError as e:
