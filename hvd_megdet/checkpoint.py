@@ -1,9 +1,9 @@
 """Checkpoints: written atomically, loaded safely, the newest loadable one found for --resume.
 
 A checkpoint is `<output_dir>/checkpoints/model_<iteration>.pth`, a dict of plain tensors and containers:
-{"model", "optimizer", "iteration", "config", "rng"}. It is written to a temporary file in the same folder,
-flushed and fsynced, then renamed over the final name, so a process killed mid-save never leaves a
-half-written checkpoint under a final name. Loading uses `torch.load(weights_only=True)`: pickles that are
+{"model", "optimizer", "iteration", "config", "categories" ([{"id", "name"}] of labels 1..K), "rng"}. It is
+written to a temporary file in the same folder, flushed and fsynced, then renamed over the final name, so a
+process killed mid-save never leaves a half-written checkpoint under a final name. Loading uses `torch.load(weights_only=True)`: pickles that are
 not plain tensors and containers are refused. The trainer never saves non-finite weights (`first_nonfinite`).
 """
 import os

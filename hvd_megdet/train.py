@@ -179,7 +179,8 @@ class Trainer:
                                      f"checkpoint not written")
         if dist.is_main():
             checkpoint.save({**state, "iteration": iteration, "config": to_dict(self.cfg),
-                             "rng": [rng for rng, _ in gathered]}, checkpoint.path_for(self.out, iteration))
+                             "categories": self.train_set.categories, "rng": [rng for rng, _ in gathered]},
+                            checkpoint.path_for(self.out, iteration))
 
     def evaluate(self, iteration):
         """COCO evaluation of the model on the validation set (every rank its shard); the metrics, or None

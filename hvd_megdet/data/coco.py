@@ -161,6 +161,12 @@ class CocoDetection(Dataset):
         return self._widths / self._heights
 
     @property
+    def categories(self):
+        """[{"id", "name"}, ...] of labels 1..K in order: what a checkpoint stores to name its detections."""
+        return [{"id": int(cat_id), "name": name}
+                for cat_id, name in zip(self.label_to_cat_id[1:], self.class_names[1:])]
+
+    @property
     def image_ids(self):
         """int64 [len]: the COCO image id of each index."""
         return self._image_ids
