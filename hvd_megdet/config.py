@@ -39,7 +39,9 @@ class ModelConfig:
     bn_group_size: int = 0  # ranks per CGBN group (the paper's BN size in GPUs); 0 = all ranks
     two_phase: bool = True  # CGBN with the paper's two allreduces (else one shifted allreduce)
     weights: str = ""  # local checkpoint, detector or ImageNet ResNet state dict; "" = random init
-    trainable_backbone_layers: int = 5  # 0..5 ResNet stages (counted from the top) that train
+    # 0..5 ResNet stages (counted from the top) that train; -1 = the recipe's: 3 (stem and layer1 frozen,
+    # Detectron's FREEZE_AT=2) when norm is frozen and weights are given, else 5.
+    trainable_backbone_layers: int = -1
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per FPN level
     # Proposal and sampling counts of torchvision's Faster R-CNN (its defaults); small models want fewer.
     rpn_pre_nms_top_n_train: int = 2000
@@ -71,11 +73,21 @@ class SolverConfig:
     warmup_factor: float = 0.001  # lr starts at warmup_factor x lr and rises linearly
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    weight_decay_norm: float = 0.0  # on norm weights and all biases
+    weight_decay_norm: float = 0.0  # on the weights and biases of norm layers (detectron2's); others: weight_decay
     fp16_allreduce: bool = False  # compress gradients to fp16 for the allreduce
+    # Gradient accumulation: forward/backward passes of ims_per_gpu images per step, one gradient allreduce;
+    # the global batch (and the lr, by the linear scaling rule) is ims_per_gpu x passes x world size.
     backward_passes_per_step: int = 1
     clip_grad_norm: float = 0.0  # 0 = off
     nonfinite: str = "skip"  # skip | stop: what a non-finite loss or gradient does
+
+
+@dataclass
+class TestConfig:
+    # PreciseBN (Wu & Johnson 2021; detectron2's TEST.PRECISE_BN): before each evaluation and checkpoint,
+    # recompute the BatchNorm running statistics as the true average over this many training batches per rank,
+    # then over the ranks. 0 = off: the running statistics are only averaged over the ranks.
+    precise_bn_iters: int = 0
 
 
 @dataclass
@@ -84,8 +96,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    test: TestConfig = field(default_factory=TestConfig)
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "off"  # off | bf16 | fp16 (CUDA only)
+    amp: str = "off"  # off | bf16 | fp16 autocast (fp16 with loss scaling); boxes are decoded in float32
     channels_last: bool = False
     eval_period: int = 0  # iterations between evaluations; 0 = only at the end
     checkpoint_period: int = 5000
@@ -112,6 +125,7 @@ POSITIVE = ("model.rpn_pre_nms_top_n_train", "model.rpn_post_nms_top_n_train", "
             "solver.backward_passes_per_step", "input.max_size", "checkpoint_period", "log_period")
 NON_NEGATIVE = ("model.bn_group_size", "solver.warmup_iters", "solver.momentum", "solver.weight_decay",
                 "solver.weight_decay_norm", "solver.clip_grad_norm", "eval_period", "data.num_workers",
+                "test.precise_bn_iters",
                 "input.test_min_size", "stall_limit")
 
 
@@ -184,14 +198,12 @@ def validate(cfg, where="config"):
                           f"solver.max_iter ({s.max_iter})")
     if any(b <= a for a, b in zip(s.steps, s.steps[1:])) or any(x <= 0 for x in s.steps):
         raise ConfigError(f"{where}: solver.steps must be positive and strictly increasing, got {s.steps!r}")
-    if not 0 <= cfg.model.trainable_backbone_layers <= 5:
-        raise ConfigError(f"{where}: model.trainable_backbone_layers must be in 0..5, "
-                          f"got {cfg.model.trainable_backbone_layers!r}")
+    if not -1 <= cfg.model.trainable_backbone_layers <= 5:
+        raise ConfigError(f"{where}: model.trainable_backbone_layers must be in 0..5, or -1 for the recipe's "
+                          f"default, got {cfg.model.trainable_backbone_layers!r}")
     if len(cfg.model.anchor_sizes) != 5 or min(cfg.model.anchor_sizes) <= 0:
         raise ConfigError(f"{where}: model.anchor_sizes must be 5 positive sizes (one per FPN level), "
                           f"got {cfg.model.anchor_sizes!r}")
-    if cfg.amp != "off" and cfg.device == "cpu":
-        raise ConfigError(f"{where}: amp={cfg.amp} needs device cuda or auto")
 
 
 def parse_overrides(overrides):

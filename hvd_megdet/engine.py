@@ -19,6 +19,7 @@ from hvd_megdet import dist
 from hvd_megdet.checkpoint import first_nonfinite
 from hvd_megdet.data import DatasetError
 from hvd_megdet.evaluation import evaluate_bbox, to_coco_results, write_eval
+from hvd_megdet.sync_bn import average_running_stats
 
 
 def to_device(images, targets, device):
@@ -69,10 +70,15 @@ def next_batch(data_iter):
 
 
 def autocast(device, amp):
-    """The autocast context for `amp` ('off' | 'bf16' | 'fp16'); AMP runs on CUDA only."""
-    if amp == "off" or device.type != "cuda":
+    """The autocast context for `amp` ('off' | 'bf16' | 'fp16') on `device` (CUDA or CPU)."""
+    if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(device, amp):
+    """A GradScaler for fp16 (loss scaling keeps small gradients from flushing to zero), else None."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
 def _running_stats(model):
@@ -83,25 +89,31 @@ def _running_stats(model):
 
 @dataclass
 class StepResult:
-    """One training step, the same on every rank. `losses`: each loss averaged over the ranks, and "loss",
-    their sum. `nonfinite`: None when the step was taken; when some rank's loss or the averaged gradient was
-    not finite, no rank stepped and it is every rank's report [{"rank", "losses" (that rank's own),
-    "loss_finite", "grads_finite"}, ...], for the caller to count or stop on."""
+    """One training step, the same on every rank.
+
+    losses: each loss averaged over the ranks and backward passes, and "loss", their sum.
+    nonfinite: None when the step was taken; when some rank's loss or (without loss scaling) the averaged
+        gradient was not finite, no rank stepped and it is every rank's report [{"rank", "losses" (that
+        rank's own), "loss_finite", "grads_finite"}, ...], for the caller to count or stop on.
+    overflow: fp16 loss scaling overflowed (finite losses, non-finite scaled gradients): the scaler skipped
+        the step and lowered its scale. Routine, not a divergence.
+    """
     losses: dict
     nonfinite: list | None = None
+    overflow: bool = False
 
     @property
     def skipped(self):
         return self.nonfinite is not None
 
 
-def _forward_backward(model, images, targets, amp, scaler):
-    """The detector's losses on this rank's batch, back-propagated (scaled when a GradScaler is given);
-    returns {name: loss as a Python float}. Horovod's DistributedOptimizer starts the gradient allreduces
-    meanwhile."""
+def _forward_backward(model, images, targets, amp, scaler, passes):
+    """The detector's losses on one batch, back-propagated with weight 1 / `passes` (the gradient is the mean
+    over the step's backward passes) and scaled when a GradScaler is given; returns {name: loss as a Python
+    float}. Horovod's DistributedOptimizer starts the gradient allreduces during the last pass."""
     with autocast(images[0].device, amp):
         loss_dict = model(images, targets)
-    loss = sum(loss_dict.values())
+    loss = sum(loss_dict.values()) / passes
     (scaler.scale(loss) if scaler else loss).backward()
     values = torch.stack([v.detach().float() for v in loss_dict.values()]).tolist()  # one host sync
     return dict(zip(loss_dict, values))
@@ -111,16 +123,17 @@ def _parameters(optimizer):
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _agree(local_losses, finite):
-    """(losses averaged over the ranks, with their sum "loss"; whether every rank is `finite`) from one small
-    allreduce of this rank's {name: loss} and flag, so every rank takes the same decision."""
+def _agree(local_losses, loss_finite, grads_finite):
+    """(losses averaged over the ranks, with their sum "loss"; whether every rank's losses are finite; whether
+    every rank's gradients are) from one small allreduce, so every rank takes the same decision."""
     names = sorted(local_losses)
-    stats = torch.tensor([local_losses[k] for k in names] + [float(not finite)], dtype=torch.float64)
+    stats = torch.tensor([local_losses[k] for k in names] + [float(not loss_finite), float(not grads_finite)],
+                         dtype=torch.float64)
     # Horovod: one small allreduce gives every rank the mean losses and whether any rank saw a non-finite value.
     totals = dist.allreduce_sum(stats, name="train_step_stats")
-    losses = {k: v / dist.size() for k, v in zip(names, totals[:-1].tolist())}
+    losses = {k: v / dist.size() for k, v in zip(names, totals[:-2].tolist())}
     losses["loss"] = sum(losses.values())
-    return losses, totals[-1].item() == 0
+    return losses, totals[-2].item() == 0, totals[-1].item() == 0
 
 
 def _nonfinite_report(local_losses, loss_finite, grads_finite):
@@ -130,56 +143,103 @@ def _nonfinite_report(local_losses, loss_finite, grads_finite):
                                "loss_finite": loss_finite, "grads_finite": grads_finite}, name="nonfinite")
 
 
-def train_step(model, optimizer, images, targets, *, amp="off", scaler=None, clip_grad_norm=0.0):
-    """One SGD iteration on this rank's batch; returns a StepResult, the same on every rank.
+def train_step(model, optimizer, batches, *, amp="off", scaler=None, clip_grad_norm=0.0):
+    """One SGD step on this rank's `batches` [(images, targets), ...]; returns a StepResult, the same on
+    every rank.
 
-    `optimizer` is an hvd.DistributedOptimizer: the gradients are averaged over the ranks during backward.
-    When any rank's loss or the averaged gradient is not finite, no rank steps, and the forward's update of
-    the BatchNorm running statistics is undone (they would stay NaN for good). Else the gradients are
-    clipped to `clip_grad_norm` (0 = off) and the optimizer steps (through `scaler` when given).
+    `optimizer` is an hvd.DistributedOptimizer built with backward_passes_per_step=len(batches): one
+    forward/backward pass per batch accumulates the gradient (each loss weighted 1 / len(batches)), and
+    Horovod averages it over the ranks once, during the last backward pass. Then one small allreduce decides
+    on every rank together: when any rank's loss is not finite, or the averaged gradient is not finite
+    without loss scaling, no rank steps and the forward passes' updates of the BatchNorm running statistics
+    are undone (they would stay NaN for good). With loss scaling (`scaler`, fp16), non-finite gradients and
+    finite losses are an overflow: the scaler skips the step and lowers its scale. Else the gradients are
+    clipped to `clip_grad_norm` (0 = off) and the optimizer steps.
     """
     stats_before = [buf.clone() for buf in _running_stats(model)]
     optimizer.zero_grad()
-    local_losses = _forward_backward(model, images, targets, amp, scaler)
-    # Horovod: wait for the gradient allreduces started during backward, so the check and clipping see them.
+    per_pass = [_forward_backward(model, images, targets, amp, scaler, len(batches)) for images, targets in batches]
+    local_losses = {k: sum(p[k] for p in per_pass) / len(per_pass) for k in per_pass[0]}
+    # Horovod: wait for the gradient allreduces started during the last backward pass.
     optimizer.synchronize()
     if scaler:
         scaler.unscale_(optimizer)
     params = _parameters(optimizer)
-    loss_finite = all(map(math.isfinite, local_losses.values()))
+    loss_finite = all(math.isfinite(v) for p in per_pass for v in p.values())
     grads_finite = first_nonfinite([p.grad for p in params if p.grad is not None]) is None
-    losses, all_finite = _agree(local_losses, loss_finite and grads_finite)
-    if not all_finite:
+    losses, all_losses_finite, all_grads_finite = _agree(local_losses, loss_finite, grads_finite)
+    overflow = scaler is not None and all_losses_finite and not all_grads_finite
+    if not all_losses_finite or not (all_grads_finite or overflow):
         optimizer.zero_grad()
         for buf, before in zip(_running_stats(model), stats_before):
             buf.copy_(before)
         if scaler:  # let the scaler lower its scale, as it would on an overflow
             scaler.update()
         return StepResult(losses, _nonfinite_report(local_losses, loss_finite, grads_finite))
-    if clip_grad_norm > 0:
+    if clip_grad_norm > 0 and not overflow:
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
     # Horovod: gradients are already averaged; step without a second synchronize.
     with optimizer.skip_synchronize():
         if scaler:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skips the step when the unscaled gradients are not finite
             scaler.update()
         else:
             optimizer.step()
-    return StepResult(losses)
+    return StepResult(losses, overflow=overflow)
+
+
+@torch.no_grad()
+def precise_bn(model, batches, num_iters, amp="off"):
+    """PreciseBN (Wu & Johnson, "Rethinking Batch in BatchNorm", 2021; detectron2's TEST.PRECISE_BN): set the
+    running statistics of every BatchNorm of `model` to their true average over `num_iters` batches of
+    `batches` (an iterator of training batches, moved to the model's device here), then average them over the
+    ranks (sync_bn.average_running_stats). The EMA of training keeps estimates from weights that have since
+    changed; this one comes from the current weights only. CGBN layers compute each batch's statistics over
+    their group, so every rank must call this with the same `num_iters`. Frozen BatchNorms are left alone;
+    momentum and num_batches_tracked are restored, and the model's train/eval mode too.
+    """
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    sums = [(torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in layers]
+    for m in layers:
+        m.momentum = 1.0  # after each forward pass, the running statistics are that batch's
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    for _ in range(num_iters):
+        images, targets = to_device(*next_batch(batches), device)
+        with autocast(device, amp):
+            model(images, targets)
+        for m, (mean_sum, var_sum) in zip(layers, sums):
+            mean_sum += m.running_mean
+            var_sum += m.running_var
+    for m, (momentum, count), (mean_sum, var_sum) in zip(layers, saved, sums):
+        m.running_mean.copy_(mean_sum / num_iters)
+        m.running_var.copy_(var_sum / num_iters)
+        m.momentum = momentum
+        m.num_batches_tracked.copy_(count)
+    model.train(was_training)
+    average_running_stats(model)
 
 
 @torch.no_grad()
 def inference(model, loader, device, label_to_cat_id, amp="off"):
-    """Detections of this rank's shard in COCO results format (original image coordinates)."""
+    """Detections of this rank's shard in COCO results format (original image coordinates), and None, or the
+    detections so far and the exception that stopped loading the shard (an unreadable image)."""
     model.eval()
-    results = []
-    for images, targets in loader:
+    results, batches = [], iter(loader)
+    while True:
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            return results, None
+        except Exception as e:  # the caller raises it on every rank, after the collective that shares it
+            return results, e
         images, _ = to_device(images, (), device)
         with autocast(device, amp):
             outputs = model(images)
         outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
         results.extend(to_coco_results(outputs, targets, label_to_cat_id))
-    return results
 
 
 def evaluate(model, loader, coco_gt, label_to_cat_id, device, output_dir, iteration, amp="off"):
@@ -187,14 +247,22 @@ def evaluate(model, loader, coco_gt, label_to_cat_id, device, output_dir, iterat
 
     Each rank infers its exact shard (no padding, so no image is counted twice); detections are gathered on
     rank 0, which scores them and writes `<output_dir>/eval/latest.json`. Leaves the model in train mode.
+    An image that cannot be loaded stops the evaluation on every rank with a DatasetError naming the file.
     """
     was_training = model.training
-    results = inference(model, loader, device, label_to_cat_id, amp)
-    # Horovod: every rank's detections to rank 0 (an empty shard still takes part).
-    gathered = dist.gather_object(results, name=f"eval_{iteration}")
+    results, error = inference(model, loader, device, label_to_cat_id, amp)
+    # Horovod: every rank's detections to rank 0, with this rank's loading error if any (an empty shard still
+    # takes part), so a rank that fails does not leave the others waiting.
+    gathered = dist.gather_object((results, None if error is None else (error.__class__.__name__, _one_line(error))),
+                                  name=f"eval_{iteration}")
+    failed = [(rank, failure) for rank, (_, failure) in enumerate(gathered) if failure is not None]
+    if failed:
+        rank, (kind, message) = failed[0]
+        raise DatasetError(f"rank {rank}: evaluation: {message}" if kind == DatasetError.__name__ else
+                           f"rank {rank}: evaluation: loading an image failed: {kind}: {message}") from error
     metrics = None
     if dist.is_main():
-        merged = [r for part in gathered for r in part]
+        merged = [r for part, _ in gathered for r in part]
         metrics = evaluate_bbox(coco_gt, merged)
         write_eval(output_dir, iteration, metrics, merged)
     # Horovod: share rank 0's metrics so every rank can log or act on them.

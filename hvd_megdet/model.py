@@ -32,6 +32,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from torchvision.ops import FrozenBatchNorm2d
@@ -177,6 +178,46 @@ class PreResizedTransform(GeneralizedRCNNTransform):
                 f"size_divisible={self.size_divisible}, no resize)")
 
 
+def _float32(outputs):
+    """Floating-point tensors in nested lists/tuples cast to float32."""
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_float32(o) for o in outputs)
+    return outputs.float() if torch.is_tensor(outputs) and outputs.is_floating_point() else outputs
+
+
+# Mixed precision gives the boxes of float32. Under autocast the backbone, FPN and heads compute in float16 or
+# bfloat16, but box decoding must not: torchvision's BoxCoder casts the anchors (or proposals) to the dtype of
+# the head's output, and AnchorGenerator makes anchors in the features' dtype, so in bfloat16 a box at
+# x ~ 1000 px lands 4-8 px off. These three classes keep anchors, head outputs, and with them decoding, NMS,
+# post-processing and the losses, in float32 (same parameters and state-dict keys as torchvision's).
+class Float32AnchorGenerator(AnchorGenerator):
+    """torchvision's AnchorGenerator, its anchors in float32 whatever the features' dtype."""
+
+    def set_cell_anchors(self, dtype, device):
+        super().set_cell_anchors(torch.float32, device)
+
+
+class Float32RPNHead(RPNHead):
+    """torchvision's RPNHead, its objectness logits and box deltas returned in float32."""
+
+    def forward(self, x):
+        return _float32(super().forward(x))
+
+
+class Float32FastRCNNPredictor(FastRCNNPredictor):
+    """torchvision's FastRCNNPredictor, its class logits and box deltas returned in float32."""
+
+    def forward(self, x):
+        return _float32(super().forward(x))
+
+
+def default_trainable_layers(norm, has_weights):
+    """The recipe's trainable ResNet stages: 3 (stem and layer1 frozen, Detectron's FREEZE_AT=2) for the
+    frozen-BN baseline started from weights, else 5 (MegDet trains every stage with CGBN; freezing randomly
+    initialised stages would leave random features)."""
+    return 3 if norm == "frozen" and has_weights else 5
+
+
 def _freeze(module):
     """Freeze `module` in place: parameters lose requires_grad, and every BatchNorm2d is replaced by a
     FrozenBatchNorm2d holding its current statistics, so train mode does not update running statistics
@@ -207,9 +248,7 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
     anchor_sizes: one anchor size per FPN level P2..P6 (5 values), aspect ratios 0.5, 1, 2 at every level.
     trainable_backbone_layers: how many ResNet stages, counted from layer4 down to the stem, are trained
         (0..5). The others are frozen: no gradients, and their BatchNorms become FrozenBatchNorm2d.
-        Default: 3 (stem and layer1 frozen, the Detectron recipe) when norm="frozen" and `weights` is
-        given; 5 otherwise — MegDet trains every stage with CGBN, and freezing randomly initialised
-        stages would leave random features.
+        Default: `default_trainable_layers(norm, weights is not None)`.
     weights: path of a local weights file, see `load_weights`; None = random initialisation.
     detector_kwargs: passed to `FasterRCNN` (e.g. rpn_batch_size_per_image, box_score_thresh,
         box_detections_per_img, image_mean, image_std). Resizing is the data pipeline's job, so
@@ -231,7 +270,7 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
         raise ValueError(f"build_model got {resize_keys}: images are resized by the data pipeline "
                          "(input.min_size / input.max_size), not by the model")
     if trainable_backbone_layers is None:
-        trainable_backbone_layers = 3 if norm == "frozen" and weights is not None else 5
+        trainable_backbone_layers = default_trainable_layers(norm, weights is not None)
     if not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
 
@@ -252,9 +291,11 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
         box_head = TwoMLPHead(fpn_channels * 7 * 7, head_dim)
     else:
         box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [head_dim], norm_layer=nn.BatchNorm2d)
-    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
-    model = FasterRCNN(fpn_backbone, rpn_anchor_generator=anchors, box_head=box_head,
-                       box_predictor=FastRCNNPredictor(head_dim, num_classes), **detector_kwargs)
+    anchors = Float32AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    model = FasterRCNN(fpn_backbone, rpn_anchor_generator=anchors,
+                       rpn_head=Float32RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
+                       box_head=box_head, box_predictor=Float32FastRCNNPredictor(head_dim, num_classes),
+                       **detector_kwargs)
     # FasterRCNN's own transform would resize again; keep its mean/std and padding only.
     model.transform = PreResizedTransform(model.transform.image_mean, model.transform.image_std,
                                           model.transform.size_divisible)
@@ -272,9 +313,11 @@ def detector_from_config(m, num_classes, norm=None, process_set=None, channels_l
     """The detector of model config `m` (config.ModelConfig), with `norm` overriding m.norm (evaluation uses
     plain BN for CGBN), computing in channels_last when asked (`use_channels_last`). A missing or unusable
     m.weights file raises CheckpointError naming it (and the mismatching keys)."""
-    model = build_model(num_classes, backbone=m.backbone, norm=norm or m.norm, process_set=process_set,
-                        two_phase=m.two_phase, anchor_sizes=m.anchor_sizes,
-                        trainable_backbone_layers=m.trainable_backbone_layers,
+    norm = norm or m.norm
+    trainable = (m.trainable_backbone_layers if m.trainable_backbone_layers >= 0
+                 else default_trainable_layers(m.norm, bool(m.weights)))
+    model = build_model(num_classes, backbone=m.backbone, norm=norm, process_set=process_set,
+                        two_phase=m.two_phase, anchor_sizes=m.anchor_sizes, trainable_backbone_layers=trainable,
                         rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
                         rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
                         rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,

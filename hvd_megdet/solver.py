@@ -31,19 +31,27 @@ def decay_multiplier(iteration, solver):
     return solver.gamma ** bisect.bisect_right(solver.steps, iteration)
 
 
+def global_batch(solver, world_size):
+    """Images per optimizer step: `ims_per_gpu` per backward pass, `backward_passes_per_step` passes (gradient
+    accumulation), on each of `world_size` ranks."""
+    return solver.ims_per_gpu * solver.backward_passes_per_step * world_size
+
+
 def describe_scaling(solver, world_size, iters_per_epoch):
     """One line saying what the linear scaling rule and the warmup set for `world_size` ranks."""
-    global_batch = solver.ims_per_gpu * world_size
-    lr = scaled_lr(solver.base_lr, solver.base_batch, global_batch)
-    return (f"world size {world_size} x {solver.ims_per_gpu} images = global batch {global_batch}; "
-            f"lr {solver.base_lr} x {global_batch}/{solver.base_batch} = {lr:g} (linear scaling rule); "
+    batch = global_batch(solver, world_size)
+    lr = scaled_lr(solver.base_lr, solver.base_batch, batch)
+    passes = solver.backward_passes_per_step
+    return (f"world size {world_size} x {solver.ims_per_gpu} images"
+            + (f" x {passes} backward passes" if passes > 1 else "") + f" = global batch {batch}; "
+            f"lr {solver.base_lr} x {batch}/{solver.base_batch} = {lr:g} (linear scaling rule); "
             f"warmup from {solver.warmup_factor:g} x lr over {solver.warmup_iters} iterations; "
             f"{iters_per_epoch} iterations per epoch")
 
 
 def lr_at(iteration, solver, world_size):
-    """The learning rate used for `iteration` (0-based) with `world_size` ranks of `solver.ims_per_gpu` images."""
-    lr = scaled_lr(solver.base_lr, solver.base_batch, solver.ims_per_gpu * world_size)
+    """The learning rate used for `iteration` (0-based) with `world_size` ranks (see `global_batch`)."""
+    lr = scaled_lr(solver.base_lr, solver.base_batch, global_batch(solver, world_size))
     return lr * decay_multiplier(iteration, solver) * warmup_multiplier(
         iteration, solver.warmup_iters, solver.warmup_factor)
 
@@ -52,14 +60,15 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def param_groups(model, solver):
-    """SGD parameter groups: `weight_decay` on conv/linear weights, `weight_decay_norm` on norm weights and biases."""
+    """SGD parameter groups as detectron2 makes them: `weight_decay_norm` on the weights and biases of norm
+    layers, `weight_decay` on every other parameter, biases of convolutions and linear layers included."""
     norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    decay, norm = [], []
+    for p in model.parameters():
         if p.requires_grad:
-            (no_decay if id(p) in norm_params or name.endswith(".bias") else decay).append(p)
+            (norm if id(p) in norm_params else decay).append(p)
     return [{"params": decay, "weight_decay": solver.weight_decay},
-            {"params": no_decay, "weight_decay": solver.weight_decay_norm}]
+            {"params": norm, "weight_decay": solver.weight_decay_norm}]
 
 
 def build_optimizer(model, solver, lr):

@@ -370,6 +370,30 @@ def revert_sync_batchnorm(module):
     return module
 
 
+def average_running_stats(module):
+    """Replace the running mean and variance of every BatchNorm of `module` (nn.BatchNorm*d and SyncBatchNorm
+    alike) by their average over all ranks, in place, with one allreduce; a world of 1 does nothing.
+
+    Per-rank BN and BN groups smaller than the world leave each rank or group with its own running
+    statistics. All of them estimate the same per-batch statistics, so their average is the estimate from
+    every rank's batches: the one a single process would hold had it seen them all. Call it before evaluating
+    or saving, so the model that is evaluated is the model that is saved. Statistics that are already equal
+    on all ranks (CGBN over the whole world) come back bit for bit: their sum is exact in float64. A
+    collective: every rank calls it at the same point, with the same model.
+    """
+    layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    if not layers or not hvd.is_initialized() or hvd.size() == 1:
+        return
+    stats = torch.cat([torch.cat([m.running_mean, m.running_var]).to(torch.float64) for m in layers])
+    # Horovod: the sum over all ranks of every layer's running statistics, in one tensor.
+    stats = hvd.allreduce(stats, op=hvd.Sum, name="sync_bn.average_running_stats") / hvd.size()
+    with torch.no_grad():
+        for m, layer_stats in zip(layers, stats.split([2 * m.num_features for m in layers])):
+            mean, var = layer_stats.chunk(2)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+
+
 def bn_process_sets(k, world_size):
     """The Horovod process sets for BN groups of `k` consecutive ranks: [[0..k-1], [k..2k-1], ...] as
     unregistered `hvd.ProcessSet`s, or [] when k is 1 or world_size (no set to register: see `bn_group`).

@@ -28,12 +28,12 @@ from hvd_megdet import elastic as hvd_elastic
 from hvd_megdet.config import ConfigError, dump, load_config, save_config, to_dict
 from hvd_megdet.data import (DatasetError, build_train_loader, build_val_loader, epoch_length, load_coco,
                              train_dataset, val_dataset)
-from hvd_megdet.engine import evaluate, next_batch, to_device, train_step
+from hvd_megdet.engine import evaluate, grad_scaler, next_batch, precise_bn, to_device, train_step
 from hvd_megdet.logs import MetricsWriter, log, log_to_file
 from hvd_megdet.model import detector_from_config
-from hvd_megdet.solver import (build_optimizer, describe_scaling, init_optimizer_state, lr_at, scaled_lr,
-                               set_lr)
-from hvd_megdet.sync_bn import bn_group
+from hvd_megdet.solver import (build_optimizer, describe_scaling, global_batch, init_optimizer_state, lr_at,
+                               scaled_lr, set_lr)
+from hvd_megdet.sync_bn import average_running_stats, bn_group
 
 
 def parse_args(argv=None):
@@ -68,27 +68,30 @@ def bn_process_set(bn_group_size, elastic):
 def restore_latest(out, model, optimizer):
     """Load the newest loadable checkpoint under `out` into model and optimizer.
 
-    Returns (iteration, per-rank RNG states or None, error message or None): the error (a checkpoint that
-    does not fit) is returned rather than raised, so that the caller raises it on every rank.
+    Returns (iteration, per-rank RNG states or None, loss scaler state or None, error message or None): the
+    error (a checkpoint that does not fit) is returned rather than raised, so that the caller raises it on
+    every rank.
     """
     path, state = checkpoint.latest(out, log)
     if state is None:
         log(f"--resume: no checkpoint under {checkpoint.checkpoint_dir(out)}; starting at iteration 0")
-        return 0, None, None
+        return 0, None, None, None
     try:
         checkpoint.restore(model, optimizer, state, path)
     except checkpoint.CheckpointError as e:
-        return 0, None, str(e)
+        return 0, None, None, str(e)
     log(f"resumed from {path} at iteration {state['iteration']}")
-    return int(state["iteration"]), state.get("rng"), None
+    return int(state["iteration"]), state.get("rng"), state.get("scaler"), None
 
 
 @dataclass
 class Progress:
-    """Where training stands: the next iteration to run (also the training sampler's position) and the number
-    of skipped steps. In elastic mode Horovod's TorchState carries the same two counters."""
+    """Where training stands: the next iteration to run (also the training sampler's position), the number
+    of skipped steps and of fp16 loss-scaling overflows. In elastic mode Horovod's TorchState carries the
+    same counters."""
     iteration: int = 0
     skipped: int = 0
+    overflows: int = 0
 
 
 def due(iteration, period, max_iter):
@@ -100,11 +103,10 @@ class Trainer:
     """The training loop (`run`) and the work done around it: checkpoints, evaluations, metrics, the reaction
     to a skipped step. Holds what the loop shares; `train` builds it."""
 
-    def __init__(self, cfg, model, optimizer, train_set, val_set, device, elastic=False):
-        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+    def __init__(self, cfg, model, optimizer, scaler, train_set, val_set, device, elastic=False):
+        self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
         self.train_set, self.val_set, self.device, self.elastic = train_set, val_set, device, elastic
         self.out = Path(cfg.output_dir)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
         self.coco_gt = None  # rank 0's validation ground truth, loaded at the first evaluation
         self.val_loader = None
         self.writer = None  # rank 0's MetricsWriter, opened by whichever process is rank 0 (elastic: may change)
@@ -114,17 +116,17 @@ class Trainer:
         metrics (None without a validation set). Elastic mode calls it again, with the state of the last
         commit, whenever the workers change."""
         cfg, solver = self.cfg, self.cfg.solver
-        world = dist.size()
-        images_per_iteration = solver.ims_per_gpu * world
+        world, passes = dist.size(), solver.backward_passes_per_step
+        images_per_iteration = global_batch(solver, world)
         iters_per_epoch = epoch_length(len(self.train_set), images_per_iteration)
         log(describe_scaling(solver, world, iters_per_epoch))
         if len(self.train_set) < world:
             raise DatasetError(f"{cfg.data.train.annotations}: {len(self.train_set)} training images for {world} "
                                f"ranks: every rank needs at least one")
-        # Horovod: each rank reads its own shard of the training set, from the current iteration on, and
-        # evaluates its own shard of the validation set.
+        # Horovod: each rank reads its own shard of the training set, from the current iteration on (each
+        # iteration takes `passes` batches), and evaluates its own shard of the validation set.
         batches = iter(build_train_loader(self.train_set, solver.ims_per_gpu, dist.rank(), world, cfg.seed,
-                                          cfg.data.num_workers, start_iter=progress.iteration))
+                                          cfg.data.num_workers, start_iter=progress.iteration * passes))
         if self.val_set is not None:
             self.val_loader = build_val_loader(self.val_set, dist.rank(), world, cfg.data.num_workers)
         if dist.is_main() and self.writer is None:
@@ -137,34 +139,53 @@ class Trainer:
         self.model.train()
         start = time.perf_counter()
         for iteration in range(progress.iteration, solver.max_iter):
-            images, targets = to_device(*next_batch(batches), self.device)
+            step_batches = [to_device(*next_batch(batches), self.device) for _ in range(passes)]
             data_time = time.perf_counter() - start
             lr = lr_at(iteration, solver, world)
             set_lr(self.optimizer, lr)
-            step = train_step(self.model, self.optimizer, images, targets, amp=cfg.amp, scaler=self.scaler,
+            step = train_step(self.model, self.optimizer, step_batches, amp=cfg.amp, scaler=self.scaler,
                               clip_grad_norm=solver.clip_grad_norm)
             if step.skipped:
                 progress.skipped += 1
                 self.on_skipped_step(iteration, lr, step, progress.skipped)
+            progress.overflows += step.overflow
             step_time = time.perf_counter() - start
             done = iteration + 1
-            if due(done, cfg.checkpoint_period, solver.max_iter):
+            save, score = due(done, cfg.checkpoint_period, solver.max_iter), due(done, cfg.eval_period, solver.max_iter)
+            if save or score:
+                self.prepare_bn_statistics(done)
+            if save:
                 self.checkpoint(done)
-            if due(done, cfg.eval_period, solver.max_iter):
+            if score:
                 metrics = self.evaluate(done)
             progress.iteration = done
             if dist.is_main():
                 self.writer.write({"iteration": done, "epoch": done / iters_per_epoch, "lr": lr, **step.losses,
-                                   "skipped": progress.skipped, "world_size": world, "time": step_time,
-                                   "data_time": data_time}, images_per_iteration)
+                                   "skipped": progress.skipped, "amp_overflows": progress.overflows,
+                                   "world_size": world, "time": step_time, "data_time": data_time},
+                                  images_per_iteration)
             if self.elastic:
                 # Horovod: the state to roll back to when a worker is lost. Last: a failure in a collective
                 # above redoes the iteration, whose record is written only after them.
                 progress.commit()
             start = time.perf_counter()
-        log(f"done: {solver.max_iter} iterations, {progress.skipped} skipped; outputs in {self.out}"
+        overflows = f", {progress.overflows} fp16 overflows" if self.scaler else ""
+        log(f"done: {solver.max_iter} iterations, {progress.skipped} skipped{overflows}; outputs in {self.out}"
             + (f"; bbox AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f}" if metrics else ""))
         return metrics
+
+    def prepare_bn_statistics(self, iteration):
+        """Make the BatchNorm running statistics one model's before it is evaluated or saved: with PreciseBN
+        (test.precise_bn_iters > 0) their true average over that many training batches per rank (the ones
+        the next iterations will use), else the training EMAs; either way averaged over the ranks."""
+        if self.cfg.test.precise_bn_iters > 0:
+            solver = self.cfg.solver
+            # Horovod: each rank its own shard, as in training.
+            batches = iter(build_train_loader(self.train_set, solver.ims_per_gpu, dist.rank(), dist.size(),
+                                              self.cfg.seed, 0, start_iter=iteration * solver.backward_passes_per_step))
+            precise_bn(self.model, batches, self.cfg.test.precise_bn_iters, self.cfg.amp)
+        else:
+            average_running_stats(self.model)
 
     def checkpoint(self, iteration):
         """Checkpoint `iteration` (rank 0 writes), unless some rank's weights are not finite: then raise."""
@@ -178,7 +199,8 @@ class Trainer:
             raise FloatingPointError(f"iteration {iteration}: {bad[0][1]} is not finite on rank {bad[0][0]}; "
                                      f"checkpoint not written")
         if dist.is_main():
-            checkpoint.save({**state, "iteration": iteration, "config": to_dict(self.cfg),
+            extra = {"scaler": self.scaler.state_dict()} if self.scaler else {}
+            checkpoint.save({**state, "iteration": iteration, "config": to_dict(self.cfg), **extra,
                              "categories": self.train_set.categories, "rng": [rng for rng, _ in gathered]},
                             checkpoint.path_for(self.out, iteration))
 
@@ -250,26 +272,29 @@ def train(cfg, resume=False, elastic=False):
     # average gradients with allreduce, fused and overlapped with the backward pass.
     optimizer = hvd.DistributedOptimizer(
         build_optimizer(model, cfg.solver, scaled_lr(cfg.solver.base_lr, cfg.solver.base_batch,
-                                                     cfg.solver.ims_per_gpu * dist.size())),
+                                                     global_batch(cfg.solver, dist.size()))),
         named_parameters=model.named_parameters(),
         compression=hvd.Compression.fp16 if cfg.solver.fp16_allreduce else hvd.Compression.none,
         backward_passes_per_step=cfg.solver.backward_passes_per_step)
     init_optimizer_state(optimizer)
+    scaler = grad_scaler(device, cfg.amp)
 
     start_iter = 0
     if resume:
         # Elastic: every rank reads the checkpoint itself (no collective outside the elastic loop; the first
         # sync then broadcasts rank 0's state). Else rank 0 reads it and broadcasts what every rank needs.
-        start_iter, rng_states, error = (restore_latest(out, model, optimizer) if dist.is_main() or elastic
-                                         else (0, None, None))
+        resumed = (restore_latest(out, model, optimizer) if dist.is_main() or elastic else (0, None, None, None))
         if not elastic:
-            # Horovod: rank 0's iteration, every rank's saved RNG state, or rank 0's error, to every rank.
-            start_iter, rng_states, error = dist.broadcast_object((start_iter, rng_states, error),
-                                                                  name="resume_state")
+            # Horovod: rank 0's iteration, every rank's saved RNG state, the loss scaler's state, or rank 0's
+            # error, to every rank.
+            resumed = dist.broadcast_object(resumed, name="resume_state")
+        start_iter, rng_states, scaler_state, error = resumed
         if error:
             raise checkpoint.CheckpointError(error)
         if rng_states is not None and dist.rank() < len(rng_states):
             checkpoint.set_rng_state(rng_states[dist.rank()])
+        if scaler is not None and scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
     if not elastic:
         # Horovod: start every rank from rank 0's parameters, buffers and optimizer state.
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -282,14 +307,15 @@ def train(cfg, resume=False, elastic=False):
     log(f"resolved config (also in {out / 'config.yaml'}):\n{dump(cfg).rstrip()}")
     log(f"{cfg.solver.max_iter} iterations; norm={cfg.model.norm} bn_group_size={cfg.model.bn_group_size}")
 
-    trainer = Trainer(cfg, model, optimizer, train_set, val_set, device, elastic)
+    trainer = Trainer(cfg, model, optimizer, scaler, train_set, val_set, device, elastic)
     try:
         if elastic:
             def on_reset():
                 # Horovod: re-initialization dropped the BN process sets; register the groups of the new world.
                 hvd_elastic.set_process_set(model, bn_process_set(cfg.model.bn_group_size, elastic=True))
 
-            metrics = hvd_elastic.run(trainer.run, model, optimizer, on_reset, iteration=start_iter, skipped=0)
+            metrics = hvd_elastic.run(trainer.run, model, optimizer, on_reset, iteration=start_iter, skipped=0,
+                                      overflows=0)
         else:
             metrics = trainer.run(Progress(iteration=start_iter))
     finally:

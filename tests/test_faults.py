@@ -1,4 +1,5 @@
-"""Faults on real Horovod ranks: errors one rank alone sees, non-finite steps, a killed rank, --resume.
+"""Faults on real Horovod ranks: errors one rank alone sees, non-finite steps, fp16 loss-scaling overflows, a
+killed rank, --resume.
 
 Several short trainings share one launch of 2 ranks (`scenarios`, each launch costs seconds); the tests then
 check their parts. The uninterrupted run there is the reference the killed-and-resumed run must repeat.
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.multirank
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo_shapes.yaml"
 NAN_AT = 2  # the 0-based iteration at which rank 1's images become NaN
+# fp16 runs start their GradScaler at 2**18 (not torch's 2**16), which makes iterations 0 and 1 overflow here.
+FP16_INIT_SCALE = 2.0**18
 
 
 def overrides(data_root, out, **extra):
@@ -58,13 +61,16 @@ def records(out):
 
 
 def _scenarios(runs):
-    """On each rank: train every (name, argv, inject_nan) of `runs` in turn; returns {name: outcome}."""
+    """On each rank: train every (name, argv, options) of `runs` in turn; returns {name: outcome}. options:
+    "nan" (rank 1's images become NaN at iteration NAN_AT), "resume" (--resume)."""
     import horovod.torch as hvd
 
     from hvd_megdet import train as trainer
     from hvd_megdet.config import load_config
 
     build = trainer.detector_from_config
+    trainer.grad_scaler = lambda device, amp: (torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE)
+                                               if amp == "fp16" else None)
 
     def nan_on_rank_1(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -79,10 +85,10 @@ def _scenarios(runs):
         return model
 
     outcomes = {}
-    for name, argv, inject_nan in runs:
-        trainer.detector_from_config = nan_on_rank_1 if inject_nan else build
+    for name, argv, options in runs:
+        trainer.detector_from_config = nan_on_rank_1 if options.get("nan") else build
         try:
-            model, _ = trainer.train(load_config(CONFIG, argv))
+            model, _ = trainer.train(load_config(CONFIG, argv), resume=options.get("resume", False))
             outcomes[name] = {"digest": digest(model.state_dict())}
         except (FloatingPointError, *trainer.USER_ERRORS) as e:
             outcomes[name] = {"error": f"{e.__class__.__name__}: {e}"}
@@ -125,13 +131,32 @@ def one_image(shapes, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scenarios(shapes, bad_image, one_image, tmp_path_factory):
+def bad_val_image(shapes, tmp_path_factory):
+    """A copy of `shapes` whose last validation image (rank 1's shard of 2) is truncated; returns (root, path)."""
+    root = tmp_path_factory.mktemp("bad_val") / "shapes"
+    shutil.copytree(shapes, root)
+    ds = CocoDetection(str(root / "val"), str(root / "annotations" / "instances_val.json"), keep_empty=True)
+    path = Path(ds.image_path(len(ds) - 1))
+    path.write_bytes(path.read_bytes()[:200])
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def scenarios(shapes, bad_image, one_image, bad_val_image, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    runs = [("reference", overrides(shapes, out / "reference"), False),
-            ("skip", overrides(shapes, out / "skip", **{"checkpoint_period": 1, "solver.max_iter": 4}), True),
-            ("stop", overrides(shapes, out / "stop", **{"solver.nonfinite": "stop", "model.norm": "bn"}), True),
-            ("bad_image", overrides(bad_image[0], out / "bad_image"), False),
-            ("one_image", overrides(one_image, out / "one_image"), False)]
+    fp16 = {"amp": "fp16", "solver.nonfinite": "stop", "solver.max_iter": 4, "checkpoint_period": 2}
+    val = {"data.val.images": bad_val_image[0] / "val",
+           "data.val.annotations": bad_val_image[0] / "annotations" / "instances_val.json"}
+    runs = [("reference", overrides(shapes, out / "reference"), {}),
+            ("skip", overrides(shapes, out / "skip", **{"checkpoint_period": 1, "solver.max_iter": 4}), {"nan": True}),
+            ("stop", overrides(shapes, out / "stop", **{"solver.nonfinite": "stop", "model.norm": "bn"}),
+             {"nan": True}),
+            ("bad_image", overrides(bad_image[0], out / "bad_image"), {}),
+            ("one_image", overrides(one_image, out / "one_image"), {}),
+            ("bad_val_image", overrides(bad_val_image[0], out / "bad_val_image", **val), {}),
+            ("fp16", overrides(shapes, out / "fp16", **fp16), {}),
+            ("fp16_first_half", overrides(shapes, out / "fp16_resumed", **{**fp16, "solver.max_iter": 2}), {}),
+            ("fp16_resumed", overrides(shapes, out / "fp16_resumed", **fp16), {"resume": True})]
     results = run_ranks(_scenarios, np=2, args=(runs,), timeout=300)
     return out, results
 
@@ -175,6 +200,30 @@ def test_an_unreadable_image_in_one_shard_stops_every_rank_naming_it(scenarios, 
     assert rank0["bad_image"]["error"] == f"DatasetError: rank 1: {bad_image[1]}: not a decodable image " \
                                           f"(corrupt, truncated or empty)"
     assert len(records(out / "bad_image")) == 1  # iteration 0 ran, iteration 1 stopped on both ranks
+
+
+def test_an_unreadable_validation_image_stops_every_rank_naming_it_and_keeps_the_checkpoint(scenarios,
+                                                                                              bad_val_image):
+    out, (rank0, rank1) = scenarios
+    assert rank0["bad_val_image"] == rank1["bad_val_image"]
+    assert rank0["bad_val_image"]["error"] == (f"DatasetError: rank 1: evaluation: {bad_val_image[1]}: not a "
+                                               f"decodable image (corrupt, truncated or empty)")
+    assert checkpoint.first_nonfinite(checkpoint.load(checkpoint.path_for(out / "bad_val_image", 6))) is None
+
+
+def test_fp16_overflows_are_counted_apart_and_never_stop_a_run(scenarios):
+    out, (rank0, rank1) = scenarios
+    assert rank0["fp16"] == rank1["fp16"] and "digest" in rank0["fp16"]  # nonfinite=stop, yet it finished
+    fp16 = records(out / "fp16")
+    assert [r["amp_overflows"] for r in fp16] == [1, 2, 2, 2]
+    assert [r["skipped"] for r in fp16] == [0, 0, 0, 0]
+    assert checkpoint.load(checkpoint.path_for(out / "fp16", 2))["scaler"]["scale"] == FP16_INIT_SCALE / 4
+
+
+def test_a_resumed_fp16_run_continues_exactly(scenarios):
+    out, (rank0, rank1) = scenarios
+    assert rank0["fp16_resumed"] == rank0["fp16"] == rank1["fp16_resumed"]  # the loss scale came back too
+    assert [r["loss"] for r in records(out / "fp16_resumed")] == [r["loss"] for r in records(out / "fp16")]
 
 
 def test_fewer_training_images_than_ranks_is_an_error_on_every_rank(scenarios):

@@ -8,7 +8,8 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
-from hvd_megdet.model import BACKBONES, build_model, load_weights, use_channels_last
+from hvd_megdet.config import load_config
+from hvd_megdet.model import BACKBONES, build_model, detector_from_config, load_weights, use_channels_last
 
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 TINY = dict(backbone="resnet_tiny", anchor_sizes=(16, 32, 64, 128, 256))
@@ -190,6 +191,61 @@ def test_default_trainable_layers_depend_on_norm_and_weights(tmp_path):
         body = build_model(4, norm=norm, weights=path, **TINY).backbone.body
         assert body.layer2[0].conv1.weight.requires_grad
         assert body.layer1[0].conv1.weight.requires_grad == (norm == "bn")
+
+
+@pytest.mark.parametrize("norm, override, frozen_stem", [("frozen", -1, True), ("frozen", 5, False),
+                                                         ("bn", -1, False), ("frozen", 1, True)])
+def test_config_freezes_like_detectron_unless_told(tmp_path, norm, override, frozen_stem):
+    """model.trainable_backbone_layers: -1 (the default) follows the recipe, frozen BN from weights trains
+    layer2-4 only (Detectron's FREEZE_AT=2); a number overrides it."""
+    path = tmp_path / "weights.pth"
+    torch.save(build_model(4, norm=norm, **TINY).state_dict(), path)
+    cfg = load_config(None, [f"model.norm={norm}", "model.backbone=resnet_tiny", f"model.weights={path}",
+                             "model.anchor_sizes=[16, 32, 64, 128, 256]",
+                             f"model.trainable_backbone_layers={override}"])
+    body = detector_from_config(cfg.model, 4).backbone.body
+    assert body.conv1.weight.requires_grad != frozen_stem
+    assert body.layer1[0].conv1.weight.requires_grad != frozen_stem
+    assert body.layer2[0].conv1.weight.requires_grad == (override != 1)
+    assert body.layer4[0].conv1.weight.requires_grad
+
+
+def _outputs_of(module, store):
+    module.register_forward_hook(lambda m, args, out: store.append(out))
+
+
+def test_bf16_autocast_decodes_boxes_in_float32_at_800x1333():
+    """Under bfloat16 autocast (CPU), RPN proposals and final detections at 800x1333 are the float32 decoding of
+    the heads' outputs, within 0.1 px: anchors, proposals and decoding stay in float32."""
+    torch.manual_seed(0)
+    model = build_model(4, norm="bn", box_score_thresh=0.0, **TINY).eval()
+    image = torch.rand(3, 800, 1333)
+    heads, proposals, predictions = [], [], []
+    _outputs_of(model.rpn.head, heads)
+    _outputs_of(model.rpn, proposals)
+    _outputs_of(model.roi_heads.box_predictor, predictions)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (detections,) = model([image])
+        images, _ = model.transform([image])
+        features = list(model.backbone(images.tensors).values())
+    with torch.no_grad():  # the same head outputs, decoded in float32 outside autocast
+        objectness, deltas = heads[0]
+        assert all(t.dtype == torch.float32 for t in objectness + deltas)
+        anchors = model.rpn.anchor_generator(images, [f.float() for f in features])
+        assert all(a.dtype == torch.float32 for a in anchors)
+        num_per_level = [o[0].numel() for o in objectness]
+        from torchvision.models.detection.rpn import concat_box_prediction_layers
+        flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
+        decoded = model.rpn.box_coder.decode(flat_deltas, anchors).view(1, -1, 4)
+        expected, _ = model.rpn.filter_proposals(decoded, flat_objectness, images.image_sizes, num_per_level)
+        assert proposals[0][0][0].dtype == torch.float32
+        assert (proposals[0][0][0] - expected[0]).abs().max() < 0.1
+        class_logits, box_regression = predictions[0]
+        boxes, scores, labels = model.roi_heads.postprocess_detections(class_logits, box_regression, expected,
+                                                                       images.image_sizes)
+    assert detections["boxes"].dtype == torch.float32 and len(boxes[0]) > 0
+    assert (detections["boxes"] - boxes[0]).abs().max() < 0.1
+    assert torch.equal(detections["labels"], labels[0])
 
 
 def test_transform_normalizes_and_pads_without_resizing():

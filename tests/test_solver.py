@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hvd_megdet.config import SolverConfig
-from hvd_megdet.solver import build_optimizer, lr_at, param_groups, scaled_lr, warmup_multiplier
+from hvd_megdet.solver import (build_optimizer, describe_scaling, global_batch, lr_at, param_groups, scaled_lr,
+                               warmup_multiplier)
 
 
 def solver(**kw):
@@ -61,15 +62,25 @@ def test_no_warmup_when_warmup_iters_is_zero():
     assert warmup_multiplier(0, 0, 0.001) == 1.0
 
 
-def test_weight_decay_skips_norm_and_bias():
+def test_weight_decay_norm_applies_to_norm_layers_only_and_biases_decay_like_weights():
+    """detectron2's groups: SOLVER.WEIGHT_DECAY_NORM on norm weights and biases, WEIGHT_DECAY on the rest."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
-    decay, no_decay = param_groups(model, solver(weight_decay=1e-4, weight_decay_norm=0.0))
-    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[2].weight)}
-    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
-                                                    id(model[2].bias)}
-    assert (decay["weight_decay"], no_decay["weight_decay"]) == (1e-4, 0.0)
+    decay, norm = param_groups(model, solver(weight_decay=1e-4, weight_decay_norm=0.0))
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[0].bias), id(model[2].weight),
+                                                 id(model[2].bias)}
+    assert {id(p) for p in norm["params"]} == {id(model[1].weight), id(model[1].bias)}
+    assert (decay["weight_decay"], norm["weight_decay"]) == (1e-4, 0.0)
     opt = build_optimizer(model, solver(momentum=0.9), lr=0.1)
     assert all(g["lr"] == 0.1 and g["momentum"] == 0.9 for g in opt.param_groups)
+
+
+def test_gradient_accumulation_scales_the_lr_by_the_images_of_all_passes():
+    # 8 ranks x 2 images x 4 passes = 64 images: 4 x 0.02
+    s = solver(backward_passes_per_step=4)
+    assert global_batch(s, 8) == 64
+    assert lr_at(300, s, 8) == pytest.approx(0.08)
+    assert describe_scaling(s, 8, 10).startswith(
+        "world size 8 x 2 images x 4 backward passes = global batch 64; lr 0.02 x 64/16 = 0.08")
 
 
 def test_frozen_parameters_are_not_optimized():

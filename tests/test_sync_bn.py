@@ -599,3 +599,31 @@ def test_cuda_tensors_on_two_ranks():
     results = run_ranks(_cuda_semantics, np=2, timeout=180)
     _assert_errors(results, "cuda/")
     _assert_counts(results, group_size=2)
+
+
+def _average_running_stats_rank():
+    from hvd_megdet.sync_bn import average_running_stats
+
+    hvd.init()
+    model = nn.Sequential(nn.BatchNorm2d(3), convert_sync_batchnorm(nn.BatchNorm1d(2), process_set=LOCAL),
+                          nn.BatchNorm2d(2))
+    with torch.no_grad():
+        for m in model[:2]:  # per-rank statistics: rank r holds r + channel index, variance 1 + 2r
+            m.running_mean.copy_(torch.arange(m.num_features, dtype=torch.float32) + hvd.rank())
+            m.running_var.fill_(1.0 + 2 * hvd.rank())
+        model[2].running_mean.copy_(torch.tensor([0.1, 1 / 3]))  # equal on every rank
+    same_before = model[2].running_mean.clone()
+    with mock.patch.object(hvd, "allreduce", wraps=hvd.allreduce) as allreduce:
+        average_running_stats(model)
+    return {"stats": [(m.running_mean.tolist(), m.running_var.tolist()) for m in model],
+            "equal_kept": torch.equal(model[2].running_mean, same_before), "allreduces": allreduce.call_count}
+
+
+@pytest.mark.multirank
+def test_average_running_stats_makes_one_model_from_per_rank_statistics():
+    ranks = run_ranks(_average_running_stats_rank, np=3, timeout=120)
+    assert ranks[0] == ranks[1] == ranks[2]  # one model
+    stats = ranks[0]["stats"]
+    assert stats[0] == ([1.0, 2.0, 3.0], [3.0, 3.0, 3.0])  # means of ranks 0, 1, 2; variances 1, 3, 5
+    assert stats[1] == ([1.0, 2.0], [3.0, 3.0])
+    assert ranks[0]["equal_kept"] and ranks[0]["allreduces"] == 1  # bit for bit; one collective in all

@@ -84,3 +84,41 @@ def test_horovodrun_command_line_and_evaluate(shapes, tmp_path):
                       timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert json.loads((eval_out / "eval" / "latest.json").read_text())["iteration"] == 3
+
+
+def _detections(path):
+    """{image_id: [(category, score, box), ...] sorted by score} of a COCO results file."""
+    by_image = {}
+    for d in json.loads(Path(path).read_text()):
+        by_image.setdefault(d["image_id"], []).append((d["category_id"], d["score"], d["bbox"]))
+    return {k: sorted(v, key=lambda d: -d[1]) for k, v in by_image.items()}
+
+
+@pytest.mark.parametrize("norm", [{"model.norm": "bn"},
+                                  {"model.norm": "cgbn", "model.bn_group_size": 1,
+                                   "solver.backward_passes_per_step": 2}], ids=["bn", "cgbn_groups_of_1"])
+def test_the_model_evaluated_in_training_is_the_model_saved(shapes, tmp_path, norm):
+    """With BN statistics per rank (or per group), the training's final evaluation and `hvd_megdet.evaluate` of
+    the final checkpoint in one process give the same detections, image by image: the ranks' running
+    statistics are made one model's (averaged) before both."""
+    out = tmp_path / "train"
+    args = overrides(shapes, out, **{"solver.max_iter": 4, "checkpoint_period": 100, "solver.base_lr": 0.02,
+                                     "input.min_size": "[96]", "input.max_size": 128, **norm})
+    proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.train", "--config", "configs/demo_shapes.yaml", *args],
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    if "solver.backward_passes_per_step" in norm:
+        assert "world size 2 x 2 images x 2 backward passes = global batch 8; lr 0.02 x 8/16 = 0.01" in proc.stdout
+    ckpt = out / "checkpoints" / "model_0000004.pth"
+    alone = tmp_path / "evaluate"
+    proc = horovodrun(1, [sys.executable, "-m", "hvd_megdet.evaluate", "--config", "configs/demo_shapes.yaml",
+                          *overrides(shapes, alone, **{"model.weights": ckpt, "input.min_size": "[96]",
+                                                       "input.max_size": 128, **norm})], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    in_training, evaluated = (_detections(d / "eval" / "detections_0000004.json") for d in (out, alone))
+    assert in_training.keys() == evaluated.keys() and sum(map(len, in_training.values())) > 0
+    for image_id, dets in in_training.items():
+        assert len(dets) == len(evaluated[image_id]), image_id
+        for (cat, score, box), (cat2, score2, box2) in zip(dets, evaluated[image_id]):
+            assert cat == cat2 and score == pytest.approx(score2, abs=1e-4), image_id
+            assert box == pytest.approx(box2, abs=1e-2), image_id

@@ -233,7 +233,7 @@ def run(args):
             order = NORMS[rnd % len(NORMS):] + NORMS[:rnd % len(NORMS)]
             for norm in order:
                 start = time.perf_counter()
-                train_step(models[norm], optimizers[norm], images, targets)
+                train_step(models[norm], optimizers[norm], [(images, targets)])
                 phases = clocks[norm].phases(start, time.perf_counter())
                 if rnd >= args.warmup:
                     times[norm].append(phases)
@@ -244,7 +244,7 @@ def run(args):
         if args.trace:
             for norm in NORMS:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                    train_step(models[norm], optimizers[norm], images, targets)
+                    train_step(models[norm], optimizers[norm], [(images, targets)])
                 if dist.is_main():
                     prof.export_chrome_trace(str(args.trace / f"torch_{norm}_rank0.json"))
     # Horovod: every rank's timings to rank 0 (medians of the slowest rank).
