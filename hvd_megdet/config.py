@@ -3,11 +3,13 @@
     cfg = load_config("configs/demo_shapes.yaml", ["solver.max_iter=100", "model.norm=bn"])
 
 Every key is a field below with its default and meaning. An unknown key, a wrong type or a value out of range
-raises `ConfigError` naming the file and the key. Only `yaml.safe_load` is used; names in the config (norm,
-backbone, schedule) select from fixed tables elsewhere and are never imported.
+raises `ConfigError` naming the file and the key; a single value where a list is expected is a list of one
+(`input.min_size=800`). Only `yaml.safe_load` is used; names in the config (norm, backbone, schedule) select
+from fixed tables elsewhere and are never imported.
 """
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration file, key or value; the message names it."""
+
+
+class ConfigWarning(UserWarning):
+    """A legitimate but probably unintended setting (e.g. a run that ends during its warmup)."""
 
 
 @dataclass
@@ -134,8 +140,8 @@ def _check_type(value, tp, key, where):
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key} must be a list of {item_tp.__name__}, got {value!r}")
+        if not isinstance(value, list):  # one value where a list is expected: a list of one, as detectron2 does
+            return [_check_type(value, item_tp, key, where)]
         return [_check_type(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -175,7 +181,8 @@ def get(cfg, dotted):
 
 
 def validate(cfg, where="config"):
-    """Range and consistency checks that do not depend on the world size; raise ConfigError."""
+    """Range and consistency checks that do not depend on the world size; raise ConfigError, or warn with a
+    ConfigWarning for a setting that is legitimate but probably unintended."""
     for key, choices in CHOICES.items():
         if get(cfg, key) not in choices:
             raise ConfigError(f"{where}: {key} must be one of {', '.join(choices)}, got {get(cfg, key)!r}")
@@ -193,9 +200,10 @@ def validate(cfg, where="config"):
         raise ConfigError(f"{where}: input.flip_prob must be in [0, 1], got {cfg.input.flip_prob!r}")
     if not 0.0 < s.warmup_factor <= 1.0:
         raise ConfigError(f"{where}: solver.warmup_factor must be in (0, 1], got {s.warmup_factor!r}")
-    if s.warmup_iters >= s.max_iter:
-        raise ConfigError(f"{where}: solver.warmup_iters ({s.warmup_iters}) must be smaller than "
-                          f"solver.max_iter ({s.max_iter})")
+    if s.warmup_iters >= s.max_iter:  # legitimate in a smoke run, rarely meant in a real one
+        warnings.warn(f"{where}: solver.warmup_iters ({s.warmup_iters}) is not smaller than solver.max_iter "
+                      f"({s.max_iter}): the run ends before the lr reaches its full value", ConfigWarning,
+                      stacklevel=3)
     if any(b <= a for a, b in zip(s.steps, s.steps[1:])) or any(x <= 0 for x in s.steps):
         raise ConfigError(f"{where}: solver.steps must be positive and strictly increasing, got {s.steps!r}")
     if not -1 <= cfg.model.trainable_backbone_layers <= 5:
@@ -204,6 +212,12 @@ def validate(cfg, where="config"):
     if len(cfg.model.anchor_sizes) != 5 or min(cfg.model.anchor_sizes) <= 0:
         raise ConfigError(f"{where}: model.anchor_sizes must be 5 positive sizes (one per FPN level), "
                           f"got {cfg.model.anchor_sizes!r}")
+
+
+def inference_min_size(inp):
+    """The shortest side of images at test time for input config `inp`: test_min_size, else the last
+    min_size."""
+    return inp.test_min_size or inp.min_size[-1]
 
 
 def parse_overrides(overrides):

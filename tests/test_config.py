@@ -1,8 +1,10 @@
 """Config: defaults, YAML, overrides, strict keys and types, range checks."""
+import warnings
+
 import pytest
 import yaml
 
-from hvd_megdet.config import ConfigError, load_config, save_config, to_dict
+from hvd_megdet.config import ConfigError, ConfigWarning, load_config, save_config, to_dict
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -36,13 +38,13 @@ def test_int_is_accepted_for_float():
     ("solver:\n  base_lrr: 0.1\n", "unknown key solver.base_lrr"),
     ("bogus: 1\n", "unknown key bogus"),
     ("solver:\n  max_iter: ten\n", "solver.max_iter must be int"),
+    ("input:\n  min_size: big\n", "input.min_size must be int"),
+    ("input:\n  min_size: [800, big]\n", r"input.min_size\[1\] must be int"),
     ("solver:\n  max_iter: true\n", "solver.max_iter must be int"),
     ("solver: 3\n", "solver must be a mapping"),
-    ("input:\n  min_size: 800\n", "input.min_size must be a list"),
     ("solver:\n  base_lr: -0.1\n", "solver.base_lr must be positive"),
     ("solver:\n  ims_per_gpu: 0\n", "solver.ims_per_gpu must be positive"),
     ("solver:\n  max_iter: 0\n", "solver.max_iter must be positive"),
-    ("solver:\n  max_iter: 100\n  warmup_iters: 200\n  steps: [50]\n", "warmup_iters .200. must be smaller"),
     ("solver:\n  max_iter: 100\n  warmup_iters: 10\n  steps: [60, 50]\n", "solver.steps must be positive and strictly increasing"),
     ("model:\n  norm: groupnorm\n", "model.norm must be one of frozen, bn, cgbn, got 'groupnorm'"),
     ("model:\n  backbone: vgg\n", "model.backbone must be one of"),
@@ -85,3 +87,23 @@ def test_shipped_configs_load():
     assert configs, "no configs shipped"
     for path in configs:
         load_config(path)
+
+
+def test_one_value_where_a_list_is_expected_is_a_list_of_one(tmp_path):
+    """detectron2 accepts INPUT.MIN_SIZE_TRAIN=800 as well as (800,): so do we, from YAML and overrides."""
+    assert load_config(write(tmp_path, "input:\n  min_size: 800\n")).input.min_size == [800]
+    cfg = load_config(None, ["input.min_size=400", "solver.steps=70000"])
+    assert cfg.input.min_size == [400] and cfg.solver.steps == [70000]
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["input"]["min_size"] == [400]
+
+
+def test_warmup_longer_than_the_run_warns_and_loads(tmp_path):
+    p = write(tmp_path, "solver:\n  max_iter: 2\n  warmup_iters: 50\n  steps: [1]\n")
+    with pytest.warns(ConfigWarning, match=r"c.yaml: solver.warmup_iters \(50\) is not smaller than solver.max_iter "
+                                           r"\(2\): the run ends before the lr reaches its full value"):
+        cfg = load_config(p)
+    assert (cfg.solver.max_iter, cfg.solver.warmup_iters) == (2, 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warmup shorter than the run says nothing
+        load_config(p, ["solver.warmup_iters=1"])
