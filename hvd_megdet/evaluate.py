@@ -17,22 +17,35 @@ from hvd_megdet.model import detector_from_config
 from hvd_megdet.train import USER_ERRORS, parse_args
 
 
-def evaluate_checkpoint(cfg):
-    """Evaluate `cfg.model.weights` on `cfg.data.val`; returns the bbox metrics on every rank."""
+def inference_model(cfg, num_classes, device):
+    """The detector of `cfg` loaded from `cfg.model.weights`, in eval mode on `device`. Inference uses running
+    statistics only, so CGBN layers become plain BN: no collective per layer. A missing or unfitting weights
+    file raises CheckpointError naming it."""
+    norm = "bn" if cfg.model.norm == "cgbn" else cfg.model.norm
+    model = detector_from_config(cfg.model, num_classes, norm=norm, channels_last=cfg.channels_last)
+    return model.to(device).eval()
+
+
+def start_inference(cfg, command):
+    """Check that `cfg` names model.weights (else ConfigError naming `command`), initialise Horovod (a world of 1
+    without horovodrun) and return this rank's device; on CPU the host's cores are shared among its ranks."""
     if not cfg.model.weights:
-        raise ConfigError("evaluate needs model.weights=CHECKPOINT")
-    if not cfg.data.val.annotations:
-        raise ConfigError("evaluate needs data.val.annotations")
+        raise ConfigError(f"{command} needs model.weights=CHECKPOINT")
     dist.init()
     device = dist.device_for(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(dist.torch_threads_per_rank())
+    return device
+
+
+def evaluate_checkpoint(cfg):
+    """Evaluate `cfg.model.weights` on `cfg.data.val`; returns the bbox metrics on every rank."""
+    if not cfg.data.val.annotations:
+        raise ConfigError("evaluate needs data.val.annotations")
+    device = start_inference(cfg, "evaluate")
     # Both splits of a COCO-format dataset list the same categories, so the val set gives the label mapping.
     val_set = val_dataset(cfg)
-    num_classes = len(val_set.label_to_cat_id)  # K categories + background
-    # Inference uses running statistics only, so CGBN layers become plain BN: no collective per layer.
-    norm = "bn" if cfg.model.norm == "cgbn" else cfg.model.norm
-    model = detector_from_config(cfg.model, num_classes, norm=norm, channels_last=cfg.channels_last).to(device)
+    model = inference_model(cfg, len(val_set.label_to_cat_id), device)  # K categories + background
     loader = build_val_loader(val_set, dist.rank(), dist.size(), cfg.data.num_workers)
     coco_gt = load_coco(cfg.data.val.annotations) if dist.is_main() else None
     iteration = int(checkpoint.load(cfg.model.weights).get("iteration", 0))

@@ -57,6 +57,21 @@ def load_coco(ann_file):
     return coco
 
 
+def read_rgb(path):
+    """The image file `path` as uint8 HWC RGB, decoded in its stored orientation (EXIF orientation ignored);
+    gray, RGBA and 16-bit images become 8-bit RGB. DatasetError naming the file if it cannot be read or
+    decoded."""
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read image ({e.strerror})") from None
+    # IMREAD_COLOR: gray, RGBA and 16-bit become 8-bit 3-channel.
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if buf.size else None
+    if image is None:
+        raise DatasetError(f"{path}: not a decodable image (corrupt, truncated or empty)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 class CocoDetection(Dataset):
     """COCO detection dataset for torchvision's detection models.
 
@@ -177,20 +192,13 @@ class CocoDetection(Dataset):
     def read_image(self, i):
         """Image i as uint8 HWC RGB, checked against the JSON's size; ValueError naming the file."""
         path = self.image_path(i)
-        try:
-            buf = np.fromfile(path, dtype=np.uint8)
-        except OSError as e:
-            raise DatasetError(f"{path}: cannot read image ({e.strerror})") from None
-        # IMREAD_COLOR: gray, RGBA and 16-bit become 8-bit 3-channel.
-        image = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if buf.size else None
-        if image is None:
-            raise DatasetError(f"{path}: not a decodable image (corrupt, truncated or empty)")
+        image = read_rgb(path)
         h, w = image.shape[:2]
         h0, w0 = int(self._heights[i]), int(self._widths[i])
         if (h, w) != (h0, w0):
             hint = " (EXIF-rotated? the JSON has the rotated size)" if (h, w) == (w0, h0) else ""
             raise DatasetError(f"{path}: decoded size {w}x{h} differs from the annotation's {w0}x{h0}{hint}")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def __getitem__(self, i):
         image = self.read_image(i)
