@@ -24,10 +24,11 @@ import torch
 MIN_BOX_SIZE = 1.0
 
 
-def resize_scale(h, w, min_size, max_size):
+def resize_scale(h: int, w: int, min_size: int, max_size: int) -> float:
     """Scale factor that brings the short side of an h x w image to `min_size` unless the long side would
     then exceed `max_size` (MegDet / Detectron's 800/1333 rule): min(min_size / short, max_size / long).
-    The output size is (round(h * scale), round(w * scale)); boxes follow the rounded size per axis."""
+    The output size is (round(h * scale), round(w * scale)); boxes follow the rounded size per axis.
+    Annotated for TorchScript: the exported detector (hvd_megdet.export) resizes by this rule too."""
     return min(min_size / min(h, w), max_size / max(h, w))
 
 
