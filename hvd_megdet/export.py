@@ -29,7 +29,7 @@ import argparse
 import dataclasses
 import sys
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,7 @@ class ShortestSideResizeTransform(GeneralizedRCNNTransform):
     come back in the coordinates of the image given (torchvision's postprocess)."""
 
     def resize(self, image: Tensor,
-               target: Optional[Dict[str, Tensor]] = None) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
+               target: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, Optional[dict[str, Tensor]]]:
         h, w = image.shape[-2], image.shape[-1]
         scale = resize_scale(h, w, self.min_size[-1], self.max_size)
         size = [max(1, int(round(h * scale))), max(1, int(round(w * scale)))]
@@ -70,9 +70,11 @@ class ExportedDetector(nn.Module):
         self.category_names = ["__background__"] + [str(c["name"]) for c in categories]
         self.category_ids = [-1] + [int(c["id"]) for c in categories]
 
-    def forward(self, images: List[Tensor]) -> List[Dict[str, Tensor]]:
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         images = [image.float() / 255 if image.dtype == torch.uint8 else image for image in images]
-        return self.detector(images)[1]  # scripted, torchvision's detectors return (losses, detections)
+        if torch.jit.is_scripting():  # scripted, torchvision's detectors return (losses, detections)
+            return self.detector(images)[1]
+        return self.detector(images)
 
 
 def _torchvision_class(cls):
