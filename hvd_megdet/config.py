@@ -44,6 +44,9 @@ class ModelConfig:
     norm: str = "cgbn"  # frozen | bn | cgbn
     bn_group_size: int = 0  # ranks per CGBN group (the paper's BN size in GPUs); 0 = all ranks
     two_phase: bool = True  # CGBN with the paper's two allreduces (else one shifted allreduce)
+    # How CGBN waits for its allreduces (sync_bn.set_allreduce_wait): auto = a sleeping poll for CPU tensors
+    # (ranks share cores), Horovod's own wait for GPU tensors; sleep | horovod force one.
+    cgbn_wait: str = "auto"
     weights: str = ""  # local checkpoint, detector or ImageNet ResNet state dict; "" = random init
     # 0..5 ResNet stages (counted from the top) that train; -1 = the recipe's: 3 (stem and layer1 frozen,
     # Detectron's FREEZE_AT=2) when norm is frozen and weights are given, else 5.
@@ -120,6 +123,7 @@ class Config:
 CHOICES = {
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_tiny"),
     "model.norm": ("frozen", "bn", "cgbn"),
+    "model.cgbn_wait": ("auto", "sleep", "horovod"),
     "solver.schedule": ("step", "cosine"),
     "solver.nonfinite": ("skip", "stop"),
     "device": ("auto", "cpu", "cuda"),

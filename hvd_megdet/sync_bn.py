@@ -32,7 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 # `process_set` value for BN groups of one rank (BN size 1): plain per-rank BatchNorm, no collectives.
 LOCAL = "local"
-_POLL_SECONDS = 20e-6
+WAITS = ("auto", "sleep", "horovod")
+_wait = {"mode": "auto", "poll_seconds": 20e-6}  # see set_allreduce_wait
 
 _layer_ids = itertools.count()  # creation order -> collective names, equal on all ranks (see module docstring)
 _BATCHNORM_DIMS = ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))  # class, input dims it takes
@@ -46,12 +47,21 @@ def _allreduce_start(tensor, name, process_set):
     return hvd.allreduce_async_(tensor, op=hvd.Sum, name=name, process_set=process_set)
 
 
-def _allreduce_wait(handle):
-    """The result of `_allreduce_start`'s allreduce. hvd.synchronize() spins on sched_yield, which takes the
-    cores that Horovod's background thread needs where ranks share them; sleeping between polls does not
-    (docs/performance.md). _POLL_SECONDS = 0 restores Horovod's own wait."""
-    while _POLL_SECONDS and not hvd.poll(handle):
-        time.sleep(_POLL_SECONDS)
+def set_allreduce_wait(mode="auto", poll_seconds=20e-6):
+    """How CGBN waits for its allreduces, for the whole process: "horovod" is hvd.synchronize, Horovod's own
+    wait, which spins; "sleep" polls hvd.poll and sleeps `poll_seconds` in between, which leaves the cores to
+    Horovod's background threads where ranks share them (CPU training: 1.3-1.7x faster per layer under load,
+    docs/performance.md); "auto" (the default) sleeps for CPU tensors and uses Horovod's wait for GPU ones."""
+    if mode not in WAITS:
+        raise ValueError(f"set_allreduce_wait: mode must be one of {', '.join(WAITS)}, got {mode!r}")
+    _wait.update(mode=mode, poll_seconds=poll_seconds)
+
+
+def _allreduce_wait(handle, on_gpu):
+    """The result of `_allreduce_start`'s allreduce, waited for as `set_allreduce_wait` says."""
+    if _wait["mode"] == "sleep" or (_wait["mode"] == "auto" and not on_gpu):
+        while not hvd.poll(handle):
+            time.sleep(_wait["poll_seconds"])
     return hvd.synchronize(handle)
 
 
@@ -79,9 +89,10 @@ class _Layer(NamedTuple):
 
 
 class _LocalMoments:
-    """One rank's batch of one layer, per channel: element count, sum and mean, and `m2()`, the sum of squared
-    deviations from the local mean. These are BatchNorm's own two passes over x; ranks then combine exactly
-    (Chan et al.'s parallel variance): over a rank, sum (x - c)^2 = m2 + count * (mean - c)^2 for any c."""
+    """One rank's batch of one layer, per channel: element count (a Python int: it comes from the shape),
+    sum and mean, and `m2()`, the sum of squared deviations from the local mean. These are BatchNorm's own
+    two passes over x; ranks then combine exactly (Chan et al.'s parallel variance): over a rank,
+    sum (x - c)^2 = m2 + count * (mean - c)^2 for any c."""
 
     def __init__(self, x, dtype):
         self.x = x.to(dtype)
@@ -89,27 +100,34 @@ class _LocalMoments:
         self.count = x.numel() // x.shape[1]
         self.sum = self.x.sum(self.dims)
         self.mean = self.sum / max(self.count, 1)
+        self.on_gpu = x.is_cuda
 
     def m2(self):
         return (self.x - _per_channel(self.mean, self.x)).square_().sum(self.dims)
+
+
+def _counts_tensor(local, like):
+    """The layers' local element counts as a tensor on `like`'s device and dtype, made there (a fill per
+    count: no copy from the host, which would wait for the device)."""
+    return torch.stack([like.new_full((), moments.count) for moments in local])
 
 
 def _two_phase_statistics(local, name, process_set):
     """The paper's two phases: allreduce [sum x, count] -> global mean; allreduce sum (x - global mean)^2 ->
     global (biased) variance. Returns (means, variances, counts) per layer. The local m2 is summed while
     phase 1 is in flight."""
-    channels = [moments.sum.numel() for moments in local]
-    counts = local[0].sum.new_tensor([moments.count for moments in local])
-    handle = _allreduce_start(torch.cat([*(moments.sum for moments in local), counts]), f"{name}.sum", process_set)
+    channels, on_gpu = [moments.sum.numel() for moments in local], local[0].on_gpu
+    payload = torch.cat([*(moments.sum for moments in local), _counts_tensor(local, local[0].sum)])
+    handle = _allreduce_start(payload, f"{name}.sum", process_set)
     m2 = [moments.m2() for moments in local]
-    totals = _allreduce_wait(handle)
-    counts = _global_counts(totals[-len(local):], name)
-    means = [total / max(k, 1) for total, k in zip(totals[:-len(local)].split(channels), counts)]
+    totals = _allreduce_wait(handle, on_gpu)
+    counts = _checked_counts(totals[-len(local):], local, name)
+    means = [total / k.clamp(min=1) for total, k in zip(totals[:-len(local)].split(channels), counts)]
     # Each rank's sum of squared deviations from the global mean, from its local moments.
     sq_dev = torch.cat([q + moments.count * (moments.mean - mean).square()
                         for q, moments, mean in zip(m2, local, means)])
-    sq_dev = _allreduce_wait(_allreduce_start(sq_dev, f"{name}.sqdev", process_set))
-    variances = [total / max(k, 1) for total, k in zip(sq_dev.split(channels), counts)]
+    sq_dev = _allreduce_wait(_allreduce_start(sq_dev, f"{name}.sqdev", process_set), on_gpu)
+    variances = [total / k.clamp(min=1) for total, k in zip(sq_dev.split(channels), counts)]
     return means, variances, counts
 
 
@@ -117,44 +135,47 @@ def _shifted_statistics(local, shifts, name, process_set):
     """One allreduce of float64 [count, sum (x - s), sum (x - s)^2] around per-channel shifts s equal on all
     ranks, then mean = s + E[x - s] and variance = E[(x - s)^2] - E[x - s]^2: the cancellation is harmless in
     float64 unless |mean - s| exceeds the std by ~1e6. Returns (means, variances, counts) per layer."""
-    channels = [moments.sum.numel() for moments in local]
+    channels, on_gpu = [moments.sum.numel() for moments in local], local[0].on_gpu
     offsets = [moments.mean.to(torch.float64) - shift for moments, shift in zip(local, shifts)]
-    payload = torch.cat([shifts[0].new_tensor([moments.count for moments in local]),
+    payload = torch.cat([_counts_tensor(local, shifts[0]),
                          *(moments.count * offset for moments, offset in zip(local, offsets)),
                          *(moments.m2() + moments.count * offset.square() for moments, offset in zip(local, offsets))])
-    totals = _allreduce_wait(_allreduce_start(payload, f"{name}.moments", process_set))
-    counts = _global_counts(totals[:len(local)], name)
+    totals = _allreduce_wait(_allreduce_start(payload, f"{name}.moments", process_set), on_gpu)
+    counts = _checked_counts(totals[:len(local)], local, name)
     sum_shifted, sum_sq_shifted = totals[len(local):].split([sum(channels)] * 2)
     dtype = local[0].sum.dtype
     means, variances = [], []
     for shift, k, first, second in zip(shifts, counts, sum_shifted.split(channels), sum_sq_shifted.split(channels)):
-        mean_shifted, mean_sq_shifted = first / max(k, 1), second / max(k, 1)
+        mean_shifted, mean_sq_shifted = first / k.clamp(min=1), second / k.clamp(min=1)
         variances.append((mean_sq_shifted - mean_shifted.square()).clamp_(min=0).to(dtype))
         means.append((shift + mean_shifted).to(dtype))
     return means, variances, counts
 
 
-def _global_counts(counts, name):
-    """The allreduced element counts per channel, one per layer, as Python numbers. They travel with the
-    statistics, in float32 for all but float64 inputs: exact up to 2**24, then rounded by at most 6e-8
-    relative, below float32's own precision. 0 (every batch empty) is allowed: statistics are then divided
-    by 1 instead of 0, so outputs and gradients are empty or zero, as in torch."""
-    counts = counts.tolist()
-    # Same counts on every rank, so every rank raises here together (no rank is left in a collective).
-    if 1 in counts:
+def _checked_counts(counts, local, name):
+    """The allreduced element counts per channel, one 0-d tensor per layer, left on the device: reading them
+    on the host would make the CPU wait for the GPU at every layer. They travel with the statistics, in
+    float32 for all but float64 inputs: exact up to 2**24, then rounded by at most 6e-8 relative, below
+    float32's own precision. 0 (every batch empty) is allowed: statistics are then divided by 1 instead of 0,
+    so outputs and gradients are empty or zero, as in torch. 1 raises ValueError, as torch does; only a rank
+    whose own batch has at most 1 value per channel reads the counts to check, and when the group's count is
+    1, every rank of the group is such a rank, so all raise together (none is left in a collective)."""
+    if any(moments.count <= 1 for moments in local) and 1 in counts.tolist():
         raise ValueError(f"SyncBatchNorm {name}: expected more than 1 value per channel when training, "
                          f"got 1 over the whole process set")
-    return counts
+    return list(counts.unbind())
 
 
 @torch.no_grad()
 def _update_running_stats(layers, means, variances, counts):
     """Move each layer's running statistics toward the group batch's mean and unbiased variance, as
-    BatchNorm does; a group batch of 0 elements leaves them unchanged."""
+    BatchNorm does; a group batch of 0 elements leaves them unchanged (its weight is 0)."""
     for layer, mean, var, k in zip(layers, means, variances, counts):
-        if layer.running_mean is not None and k > 0:
-            layer.running_mean.lerp_(mean.to(layer.running_mean.dtype), layer.momentum)
-            layer.running_var.lerp_((var * (k / (k - 1))).to(layer.running_var.dtype), layer.momentum)
+        if layer.running_mean is not None:
+            weight = (k > 0).to(layer.running_mean.dtype) * layer.momentum
+            unbiased = var * (k / (k - 1).clamp(min=1))
+            layer.running_mean.lerp_(mean.to(layer.running_mean.dtype), weight)
+            layer.running_var.lerp_(unbiased.to(layer.running_var.dtype), weight)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -182,7 +203,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         _update_running_stats(layers, means, variances, counts)
 
         ctx.save_for_backward(*inputs, *weights, *means, *variances)
-        ctx.num_layers, ctx.counts = n, [max(k, 1) for k in counts]
+        ctx.num_layers, ctx.counts, ctx.on_gpu = n, [k.clamp(min=1) for k in counts], inputs[0].is_cuda
         ctx.eps = [layer.eps for layer in layers]
         ctx.process_set, ctx.name = process_set, name
         # Normalizing with the global statistics is BatchNorm in eval mode: torch's fused kernel, which keeps
@@ -210,7 +231,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             handle = _allreduce_start(torch.cat([*sum_dy, *sum_dy_centered]), f"{ctx.name}.grad", ctx.process_set)
             scales = [inv if w is None else inv * w.to(stat_dtype) for inv, w in zip(invstds, weights)]
             dy_scaled = [dy * _per_channel(scale, dy) for dy, scale in zip(dys, scales)]
-            group_sum_dy, group_sum_dy_centered = _allreduce_wait(handle).split([sum(channels)] * 2)
+            group_sum_dy, group_sum_dy_centered = _allreduce_wait(handle, ctx.on_gpu).split([sum(channels)] * 2)
             for i, (k, total_dy, total_dy_centered) in enumerate(
                     zip(ctx.counts, group_sum_dy.split(channels), group_sum_dy_centered.split(channels))):
                 if needs_input[i]:

@@ -627,3 +627,33 @@ def test_average_running_stats_makes_one_model_from_per_rank_statistics():
     assert stats[0] == ([1.0, 2.0, 3.0], [3.0, 3.0, 3.0])  # means of ranks 0, 1, 2; variances 1, 3, 5
     assert stats[1] == ([1.0, 2.0], [3.0, 3.0])
     assert ranks[0]["equal_kept"] and ranks[0]["allreduces"] == 1  # bit for bit; one collective in all
+
+
+def _host_reads_rank():
+    hvd.init()
+    layers = [SyncBatchNorm(3, two_phase=two_phase) for two_phase in (True, False)]
+    reads = []
+
+    def recording(method):
+        def read(self, *args, **kwargs):
+            reads.append(method)
+            return getattr(torch.Tensor, f"_original_{method}")(self, *args, **kwargs)
+        return read
+
+    methods = ("tolist", "item", "__bool__", "__float__", "__int__", "__index__")
+    for method in methods:
+        setattr(torch.Tensor, f"_original_{method}", getattr(torch.Tensor, method))
+    with mock.patch.multiple(torch.Tensor, **{m: recording(m) for m in methods}):
+        for layer in layers:
+            x = torch.randn(2 + hvd.rank(), 3, 4, 5, requires_grad=True)
+            layer(x).square().sum().backward()
+        fused_inputs = [torch.randn(2, 3, 4, requires_grad=True) for _ in layers]
+        sum(y.sum() for y in SyncBatchNorm.forward_sharing_collectives(layers, fused_inputs)).backward()
+    return reads
+
+
+@pytest.mark.multirank
+def test_training_reads_nothing_on_the_host():
+    """Counts and statistics stay on the device: no tolist/item/bool of a tensor per layer, forward or backward
+    (on a GPU each would make the CPU wait for the device at every layer)."""
+    assert run_ranks(_host_reads_rank, np=2, timeout=120) == [[], []]

@@ -154,9 +154,10 @@ def _without_collectives(layer):
 def _step(layer, x, grad, device):
     x.grad = None
     layer.zero_grad()
-    patches = {"_POLL_SECONDS": 0} if getattr(layer, "spin_wait", False) else {}
+    patches = {"_wait": {"mode": "horovod"}} if getattr(layer, "spin_wait", False) else {}
     if getattr(layer, "no_collectives", False):
-        patches.update(_allreduce_start=lambda tensor, name, process_set: tensor, _allreduce_wait=lambda t: t)
+        patches.update(_allreduce_start=lambda tensor, name, process_set: tensor,
+                       _allreduce_wait=lambda tensor, on_gpu: tensor)
     with mock.patch.multiple(sync_bn, **patches) if patches else contextlib.nullcontext():
         layer(x).backward(grad)
     if device.type == "cuda":

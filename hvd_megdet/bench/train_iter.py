@@ -114,8 +114,8 @@ class _CollectiveLog:
                 self.events.append([name, time.perf_counter(), None])
             return handle
 
-        def timed_wait(handle):
-            out = wait(handle)
+        def timed_wait(handle, on_gpu):
+            out = wait(handle, on_gpu)
             if handle in self._pending:
                 self.events[self._pending.pop(handle)][2] = time.perf_counter()
             return out
