@@ -47,6 +47,9 @@ class ModelConfig:
     # How CGBN waits for its allreduces (sync_bn.set_allreduce_wait): auto = a sleeping poll for CPU tensors
     # (ranks share cores), Horovod's own wait for GPU tensors; sleep | horovod force one.
     cgbn_wait: str = "auto"
+    # CUDA only: BatchNorm's local work in torch's fused SyncBatchNorm kernels (sync_bn.use_fused_cuda_kernels);
+    # off until scripts/gpu_check.sh has confirmed them on a GPU.
+    cgbn_cuda_kernels: bool = False
     weights: str = ""  # local checkpoint, detector or ImageNet ResNet state dict; "" = random init
     # 0..5 ResNet stages (counted from the top) that train; -1 = the recipe's: 3 (stem and layer1 frozen,
     # Detectron's FREEZE_AT=2) when norm is frozen and weights are given, else 5.

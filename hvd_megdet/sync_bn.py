@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 LOCAL = "local"
 WAITS = ("auto", "sleep", "horovod")
 _wait = {"mode": "auto", "poll_seconds": 20e-6}  # see set_allreduce_wait
+_cuda_kernels = {"enabled": False}  # see use_fused_cuda_kernels
 
 _layer_ids = itertools.count()  # creation order -> collective names, equal on all ranks (see module docstring)
 _BATCHNORM_DIMS = ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))  # class, input dims it takes
@@ -55,6 +56,23 @@ def set_allreduce_wait(mode="auto", poll_seconds=20e-6):
     if mode not in WAITS:
         raise ValueError(f"set_allreduce_wait: mode must be one of {', '.join(WAITS)}, got {mode!r}")
     _wait.update(mode=mode, poll_seconds=poll_seconds)
+
+
+def use_fused_cuda_kernels(enabled=True):
+    """For CUDA inputs, do BatchNorm's local work with torch's fused SyncBatchNorm kernels (batch_norm_stats,
+    batch_norm_backward_reduce, batch_norm_backward_elemt: one pass over x forward, two backward, instead of
+    several torch ops). Off by default until `scripts/gpu_check.sh` has confirmed on a GPU that they match
+    nn.BatchNorm2d (they have no CPU implementation, so no test here can run them)."""
+    _cuda_kernels["enabled"] = bool(enabled)
+
+
+def _fused(x):
+    return _cuda_kernels["enabled"] and x.is_cuda and x.numel() > 0
+
+
+def _memory_format(x):
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
 
 
 def _allreduce_wait(handle, on_gpu):
@@ -104,6 +122,22 @@ class _LocalMoments:
 
     def m2(self):
         return (self.x - _per_channel(self.mean, self.x)).square_().sum(self.dims)
+
+
+class _FusedLocalMoments:
+    """`_LocalMoments` from torch's fused CUDA kernel: batch_norm_stats gives the local mean and 1 / std in one
+    (Welford) pass; m2 = count / invstd^2 (0 for a constant channel, whose invstd is inf)."""
+
+    def __init__(self, x, dtype):
+        self.count = x.numel() // x.shape[1]
+        mean, invstd = torch.batch_norm_stats(x, 0.0)
+        self.mean = mean.to(dtype)
+        self.sum = self.mean * self.count
+        self._m2 = (self.count / invstd.square()).to(dtype)
+        self.on_gpu = True
+
+    def m2(self):
+        return self._m2
 
 
 def _counts_tensor(local, like):
@@ -192,7 +226,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         n = len(layers)
         inputs, weights, biases = _split(tensors, n, 3)
         stat_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
-        local = [_LocalMoments(x, stat_dtype) for x in inputs]
+        local = [(_FusedLocalMoments if _fused(x) else _LocalMoments)(x, stat_dtype) for x in inputs]
         if two_phase:
             means, variances, counts = _two_phase_statistics(local, name, process_set)
         else:
@@ -216,40 +250,70 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         n = ctx.num_layers
         inputs, weights, means, variances = _split(ctx.saved_tensors, n, 4)
         needs_input, needs_weight, needs_bias = _split(ctx.needs_input_grad[4:], n, 3)
-        stat_dtype = means[0].dtype
         invstds = [torch.rsqrt(var + eps) for var, eps in zip(variances, ctx.eps)]
-        dys = [g.to(stat_dtype) for g in grad_outputs]
-        centered = [x.to(stat_dtype) - _per_channel(mean, x) for x, mean in zip(inputs, means)]  # x - mean
-        sum_dy = [dy.sum(_layout(dy)[0]) for dy in dys]
-        sum_dy_centered = [(dy * xc).sum(_layout(dy)[0]) for dy, xc in zip(dys, centered)]  # = sum dy*xhat / invstd
+        terms = [_LocalGradTerms(dy, x, mean, invstd, w)
+                 for dy, x, mean, invstd, w in zip(grad_outputs, inputs, means, invstds, weights)]
 
         grad_inputs = [None] * n
         if any(needs_input):
             # x-hat depends on every rank's x through mean and var, so dx needs the group's sums of dy and
-            # dy * xhat: one allreduce for all layers, in flight while dy * scale is computed.
+            # dy * (x - mean): one allreduce for all layers, in flight while dy * scale is computed.
             channels = [mean.numel() for mean in means]
-            handle = _allreduce_start(torch.cat([*sum_dy, *sum_dy_centered]), f"{ctx.name}.grad", ctx.process_set)
-            scales = [inv if w is None else inv * w.to(stat_dtype) for inv, w in zip(invstds, weights)]
-            dy_scaled = [dy * _per_channel(scale, dy) for dy, scale in zip(dys, scales)]
+            payload = torch.cat([*(t.sum_dy for t in terms), *(t.sum_dy_centered for t in terms)])
+            handle = _allreduce_start(payload, f"{ctx.name}.grad", ctx.process_set)
+            for t in terms:
+                t.prepare_grad_input()
             group_sum_dy, group_sum_dy_centered = _allreduce_wait(handle, ctx.on_gpu).split([sum(channels)] * 2)
-            for i, (k, total_dy, total_dy_centered) in enumerate(
-                    zip(ctx.counts, group_sum_dy.split(channels), group_sum_dy_centered.split(channels))):
-                if needs_input[i]:
-                    # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat))
-                    #    = dy * scale - scale * mean(dy) - (x - mean) * scale * invstd^2 * mean(dy * (x - mean)),
-                    # built on (x - mean) in place, which gives dx the memory format of x.
-                    coef_centered = -scales[i] * invstds[i].square() * total_dy_centered / k
-                    coef_const = -scales[i] * total_dy / k
-                    grad_inputs[i] = (centered[i].mul_(_per_channel(coef_centered, dy_scaled[i]))
-                                      .add_(_per_channel(coef_const, dy_scaled[i])).add_(dy_scaled[i])
-                                      .to(inputs[i].dtype))
+            grad_inputs = [t.grad_input(total_dy, total_dy_centered, k) if needed else None
+                           for t, total_dy, total_dy_centered, k, needed in
+                           zip(terms, group_sum_dy.split(channels), group_sum_dy_centered.split(channels),
+                               ctx.counts, needs_input)]
 
         # Weight and bias gradients stay local: the optimizer's allreduce combines them like any gradient.
-        grad_weights = [(s * inv).to(w.dtype) if needed else None
-                        for s, inv, w, needed in zip(sum_dy_centered, invstds, weights, needs_weight)]
-        grad_biases = [s.to(w.dtype) if needed else None  # affine: weight and bias come together
-                       for s, w, needed in zip(sum_dy, weights, needs_bias)]
+        grad_weights = [(t.sum_dy_centered * t.invstd).to(w.dtype) if needed else None
+                        for t, w, needed in zip(terms, weights, needs_weight)]
+        grad_biases = [t.sum_dy.to(w.dtype) if needed else None  # affine: weight and bias come together
+                       for t, w, needed in zip(terms, weights, needs_bias)]
         return (None, None, None, None, *grad_inputs, *grad_weights, *grad_biases)
+
+
+class _LocalGradTerms:
+    """One layer's backward on this rank, given the group's mean and 1/std: the local sums that the ranks
+    combine (sum dy and sum dy * (x - mean), per channel), then the input gradient from the group's sums,
+        dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)),  scale = invstd * weight,
+    with torch's fused CUDA kernels (batch_norm_backward_reduce / _elemt) or with torch ops."""
+
+    def __init__(self, dy, x, mean, invstd, weight):
+        self.x, self.mean, self.invstd, self.weight = x, mean, invstd, weight
+        self.fused = _fused(x)
+        if self.fused:
+            self.dy = dy.contiguous(memory_format=_memory_format(x))
+            self.sum_dy, self.sum_dy_centered, _, _ = torch.batch_norm_backward_reduce(
+                self.dy, x, mean, invstd, None if weight is None else weight.to(mean.dtype), True, False, False)
+            return
+        self.dy = dy.to(mean.dtype)
+        self.centered = x.to(mean.dtype) - _per_channel(mean, x)
+        self.sum_dy = self.dy.sum(_layout(x)[0])
+        self.sum_dy_centered = (self.dy * self.centered).sum(_layout(x)[0])  # = sum dy * xhat / invstd
+
+    def prepare_grad_input(self):
+        """The local part of dx, dy * scale, computed while the allreduce is in flight."""
+        if not self.fused:
+            self.scale = self.invstd if self.weight is None else self.invstd * self.weight.to(self.mean.dtype)
+            self.dy_scaled = self.dy * _per_channel(self.scale, self.dy)
+
+    def grad_input(self, total_dy, total_dy_centered, count):
+        """dx from the group's sums and element count (a 0-d tensor, at least 1)."""
+        if self.fused:
+            weight = None if self.weight is None else self.weight.to(self.mean.dtype)
+            return torch.batch_norm_backward_elemt(self.dy, self.x, self.mean, self.invstd, weight, total_dy,
+                                                   total_dy_centered, count.view(1).to(torch.int32))
+        # = dy * scale - scale * mean(dy) - (x - mean) * scale * invstd^2 * mean(dy * (x - mean)), built on
+        # (x - mean) in place, which gives dx the memory format of x.
+        coef_centered = -self.scale * self.invstd.square() * total_dy_centered / count
+        coef_const = -self.scale * total_dy / count
+        return (self.centered.mul_(_per_channel(coef_centered, self.x)).add_(_per_channel(coef_const, self.x))
+                .add_(self.dy_scaled).to(self.x.dtype))
 
 
 class SyncBatchNorm(_BatchNorm):

@@ -5,6 +5,7 @@ every rank rebuilds the global batch from a shared seed, runs SyncBatchNorm on i
 nn.BatchNorm*d on the whole concatenated batch (the template of Horovod's test_horovod_sync_batch_norm). Each
 launch runs many checks and returns {check: error}, so a handful of launches cover every semantic of the issue.
 """
+import contextlib
 import copy
 import math
 import os
@@ -657,3 +658,62 @@ def test_training_reads_nothing_on_the_host():
     """Counts and statistics stay on the device: no tolist/item/bool of a tensor per layer, forward or backward
     (on a GPU each would make the CPU wait for the device at every layer)."""
     assert run_ranks(_host_reads_rank, np=2, timeout=120) == [[], []]
+
+
+# torch's fused SyncBatchNorm kernels are CUDA-only: CPU stand-ins with their documented semantics let the
+# plumbing around them (what goes in, what travels, what comes out) be tested here; scripts/gpu_check.sh
+# checks the real kernels on a GPU.
+def _reference_stats(x, eps):
+    dims = [0, *range(2, x.dim())]
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return xf.mean(dims), (xf.var(dims, unbiased=False) + eps).rsqrt()
+
+
+def _reference_backward_reduce(dy, x, mean, invstd, weight, input_g, weight_g, bias_g):
+    dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+    dyf, xc = dy.to(mean.dtype), x.to(mean.dtype) - mean.view(shape)
+    sum_dy, sum_dy_xmu = dyf.sum(dims), (dyf * xc).sum(dims)
+    return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd if weight_g else None, sum_dy if bias_g else None
+
+
+def _reference_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    n = count.sum().to(mean.dtype)
+    scale = invstd if weight is None else invstd * weight
+    dx = (dy.to(mean.dtype) - (sum_dy / n).view(shape)
+          - (x.to(mean.dtype) - mean.view(shape)) * (invstd.square() * sum_dy_xmu / n).view(shape)) * scale.view(shape)
+    return dx.to(x.dtype)
+
+
+def _fused_kernels_rank():
+    from hvd_megdet import sync_bn
+
+    hvd.init()
+    results = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        layers = [SyncBatchNorm(3, two_phase=t, affine=a).double()
+                  for t, a in ((True, True), (False, True), (True, False))]
+        gen = torch.Generator().manual_seed(hvd.rank())
+        xs = [torch.randn(2 + hvd.rank(), 3, 4, 5, generator=gen, dtype=torch.float64).requires_grad_()
+              for _ in layers]
+        with contextlib.ExitStack() as stack:
+            if fused:
+                stack.enter_context(mock.patch.object(sync_bn, "_fused", lambda x: x.numel() > 0))
+                stack.enter_context(mock.patch.multiple(torch, batch_norm_stats=_reference_stats,
+                                                        batch_norm_backward_reduce=_reference_backward_reduce,
+                                                        batch_norm_backward_elemt=_reference_backward_elemt))
+            outs = [layer(x) for layer, x in zip(layers, xs)]
+            sum((y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).sin()).sum() for y in outs).backward()
+        results[fused] = ([y.detach() for y in outs], [x.grad for x in xs],
+                          [p.grad for layer in layers for p in layer.parameters()],
+                          [b.clone() for layer in layers for b in layer.buffers()])
+    return results
+
+
+@pytest.mark.multirank
+def test_fused_cuda_kernel_path_equals_the_torch_ops_path():
+    for results in run_ranks(_fused_kernels_rank, np=2, timeout=120):
+        for fused, plain in zip(results[True], results[False]):
+            for a, b in zip(fused, plain):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
