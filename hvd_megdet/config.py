@@ -55,6 +55,7 @@ class ModelConfig:
     # Detectron's FREEZE_AT=2) when norm is frozen and weights are given, else 5.
     trainable_backbone_layers: int = -1
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per FPN level
+    box_head: str = "auto"  # mlp (2 fc) | conv (4 conv + fc, BatchNorm with bn/cgbn) | auto: mlp for frozen, else conv
     # Proposal and sampling counts of torchvision's Faster R-CNN (its defaults); small models want fewer.
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
@@ -127,6 +128,7 @@ CHOICES = {
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_tiny"),
     "model.norm": ("frozen", "bn", "cgbn"),
     "model.cgbn_wait": ("auto", "sleep", "horovod"),
+    "model.box_head": ("auto", "mlp", "conv"),
     "solver.schedule": ("step", "cosine"),
     "solver.nonfinite": ("skip", "stop"),
     "device": ("auto", "cpu", "cuda"),

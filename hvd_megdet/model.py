@@ -4,11 +4,15 @@ MegDet (Peng et al. 2018) is Faster R-CNN R50-FPN trained with Cross-GPU BatchNo
 assembles the same network from torchvision parts instead of `fasterrcnn_resnet50_fpn`, which hard-codes
 FrozenBatchNorm, so that one argument sets the norm of backbone, FPN and box head:
 
-    norm="frozen"  FrozenBatchNorm2d in the ResNet; FPN and box head (2 fc) without norm. torchvision's
-                   default detector and the paper's fixed-BN baseline.
-    norm="bn"      nn.BatchNorm2d in ResNet, FPN and box head (4 conv + 1 fc, as fasterrcnn_resnet50_fpn_v2);
-                   statistics of each process's own images.
+    norm="frozen"  FrozenBatchNorm2d in the ResNet; FPN without norm. torchvision's default detector and the
+                   paper's fixed-BN baseline.
+    norm="bn"      nn.BatchNorm2d in ResNet, FPN and a conv box head; statistics of each process's own images.
     norm="cgbn"    as "bn", then every BatchNorm2d becomes hvd_megdet.sync_bn's cross-GPU BatchNorm.
+
+The box head is a second, separate choice: box_head="mlp" (two fc layers, torchvision's default and the
+paper's head, no norm) or "conv" (4 conv + 1 fc as fasterrcnn_resnet50_fpn_v2, with the norm's BatchNorm
+after each conv for bn/cgbn). The default follows the norm (mlp for frozen, conv otherwise); hold it fixed to
+compare norms on one architecture.
 
 With CGBN, norm layers whose inputs do not depend on each other (the FPN's levels; bn1 and the shortcut's norm
 of a downsampling ResNet block) share their statistics' collectives
@@ -41,6 +45,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from hvd_megdet.checkpoint import CheckpointError, mismatched_keys
 
 NORMS = ("frozen", "bn", "cgbn")
+BOX_HEADS = ("mlp", "conv")
 # The stages of a ResNet from the input on; `trainable_backbone_layers=k` trains the last k of them.
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
@@ -236,7 +241,7 @@ def _freeze(module):
 
 
 def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=None, two_phase=True,
-                anchor_sizes=(32, 64, 128, 256, 512), trainable_backbone_layers=None, weights=None,
+                anchor_sizes=(32, 64, 128, 256, 512), box_head=None, trainable_backbone_layers=None, weights=None,
                 **detector_kwargs):
     """Build a Faster R-CNN ResNet-FPN detector (torchvision `FasterRCNN`).
 
@@ -246,6 +251,7 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
         process set: the group of ranks whose statistics are combined; None = all ranks) and `two_phase`
         are passed to `hvd_megdet.sync_bn.convert_sync_batchnorm`.
     anchor_sizes: one anchor size per FPN level P2..P6 (5 values), aspect ratios 0.5, 1, 2 at every level.
+    box_head: "mlp" | "conv" | None (the norm's default: mlp for frozen, conv for bn and cgbn).
     trainable_backbone_layers: how many ResNet stages, counted from layer4 down to the stem, are trained
         (0..5). The others are frozen: no gradients, and their BatchNorms become FrozenBatchNorm2d.
         Default: `default_trainable_layers(norm, weights is not None)`.
@@ -263,6 +269,9 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
         raise ValueError(f"unknown backbone {backbone!r}; choices: {sorted(BACKBONES)}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choices: {list(NORMS)}")
+    box_head = box_head or ("mlp" if norm == "frozen" else "conv")
+    if box_head not in BOX_HEADS:
+        raise ValueError(f"unknown box_head {box_head!r}; choices: {list(BOX_HEADS)}")
     if len(anchor_sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per FPN level P2..P6 (5), got {tuple(anchor_sizes)}")
     resize_keys = sorted({"min_size", "max_size", "fixed_size"} & detector_kwargs.keys())
@@ -287,10 +296,11 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
         out_channels=fpn_channels,
         norm_layer=None if frozen else nn.BatchNorm2d,
     )
-    if frozen:
+    if box_head == "mlp":
         box_head = TwoMLPHead(fpn_channels * 7 * 7, head_dim)
     else:
-        box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [head_dim], norm_layer=nn.BatchNorm2d)
+        box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [head_dim],
+                                      norm_layer=None if frozen else nn.BatchNorm2d)
     anchors = Float32AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
     model = FasterRCNN(fpn_backbone, rpn_anchor_generator=anchors,
                        rpn_head=Float32RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
@@ -318,6 +328,7 @@ def detector_from_config(m, num_classes, norm=None, process_set=None, channels_l
                  else default_trainable_layers(m.norm, bool(m.weights)))
     model = build_model(num_classes, backbone=m.backbone, norm=norm, process_set=process_set,
                         two_phase=m.two_phase, anchor_sizes=m.anchor_sizes, trainable_backbone_layers=trainable,
+                        box_head=None if m.box_head == "auto" else m.box_head,
                         rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
                         rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
                         rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d
 
 from hvd_megdet.config import load_config
@@ -246,6 +247,20 @@ def test_bf16_autocast_decodes_boxes_in_float32_at_800x1333():
     assert detections["boxes"].dtype == torch.float32 and len(boxes[0]) > 0
     assert (detections["boxes"] - boxes[0]).abs().max() < 0.1
     assert torch.equal(detections["labels"], labels[0])
+
+
+@pytest.mark.parametrize("norm", ["frozen", "bn", "cgbn"])
+@pytest.mark.parametrize("box_head", ["mlp", "conv"])
+def test_box_head_is_chosen_apart_from_the_norm(norm, box_head):
+    """One head architecture for every norm, so norms are compared on one detector: mlp = 2 fc, no norm;
+    conv = 4 conv + fc, with the norm's BatchNorm after each conv (none with frozen)."""
+    head = _build(norm, box_head=box_head, **TINY).roi_heads.box_head
+    if box_head == "mlp":
+        assert isinstance(head, TwoMLPHead) and _norm_types(head) == set()
+    else:
+        assert isinstance(head, FastRCNNConvFCHead)
+        assert len([m for m in head.modules() if isinstance(m, nn.Conv2d)]) == 4
+        assert len(_norm_types(head)) == (0 if norm == "frozen" else 1)
 
 
 def test_transform_normalizes_and_pads_without_resizing():
