@@ -178,3 +178,26 @@ def test_train_iter_benchmark_runs_on_two_ranks(tmp_path):
     # demo model: 24 CGBN layers in 15 synchronizations; two_phase=True 2 forward + 1 backward, False 1 + 1
     assert {k: v["per_iteration"] for k, v in result["collectives"].items()} == \
         {"sum": 15, "sqdev": 15, "moments": 15, "grad": 30}
+
+
+def test_timeline_splits_a_cgbn_wait_into_gradients_and_the_rest():
+    from hvd_megdet.bench import timeline
+
+    def allreduce(pid, name, asked, begin, end):
+        return [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}},
+                {"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": asked[0], "pid": pid},
+                *({"ph": "X", "name": str(r), "ts": t, "pid": pid, "dur": 0} for r, t in enumerate(asked)),
+                {"ph": "E", "ts": asked[-1] + 1, "pid": pid},
+                {"ph": "B", "name": "ALLREDUCE", "ts": begin - 1, "pid": pid},
+                {"ph": "B", "name": "GLOO_ALLREDUCE", "ts": begin, "pid": pid}, {"ph": "E", "ts": end, "pid": pid},
+                {"ph": "E", "ts": end + 1, "pid": pid}]
+
+    # The CGBN backward sums: both ranks asked by t=1000 us, executed at 4000-4500; a gradient allreduce ran
+    # 500-3000 (2000 us of it after t=1000), another CGBN one 3200-3400.
+    events = (allreduce(1, "allreduce.grad.conv.weight", [400, 500], 500, 3000)
+              + allreduce(2, "sync_bn.0.grad", [200, 1000], 4000, 4500)
+              + allreduce(3, "sync_bn.1.sum", [3100, 3150], 3200, 3400))
+    summary = timeline.summarize(timeline.parse(events))
+    assert summary["grad"] == {"count": 1, "ready_to_execute_ms": 3.0, "behind_gradients_ms": 2.0,
+                               "behind_cgbn_ms": 0.2, "execute_ms": 0.5}
+    assert summary["sum"]["behind_gradients_ms"] == 0.0 and "weight" not in summary
