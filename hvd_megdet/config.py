@@ -104,12 +104,21 @@ class TestConfig:
 
 
 @dataclass
+class ElasticConfig:
+    # With --elastic, commit (copy) the model and optimizer state every this many iterations: a lost worker
+    # rolls the others back to the last commit. Often enough to lose little work, not at every step, as
+    # Horovod advises: each commit copies the whole training state.
+    commit_period: int = 10
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "off"  # off | bf16 | fp16 autocast (fp16 with loss scaling); boxes are decoded in float32
     channels_last: bool = False
@@ -137,7 +146,8 @@ CHOICES = {
 POSITIVE = ("model.rpn_pre_nms_top_n_train", "model.rpn_post_nms_top_n_train", "model.rpn_pre_nms_top_n_test",
             "model.rpn_post_nms_top_n_test", "model.box_batch_size_per_image", "model.box_detections_per_img",
             "solver.ims_per_gpu", "solver.base_lr", "solver.base_batch", "solver.max_iter",
-            "solver.backward_passes_per_step", "input.max_size", "checkpoint_period", "log_period")
+            "solver.backward_passes_per_step", "input.max_size", "checkpoint_period", "log_period",
+            "elastic.commit_period")
 NON_NEGATIVE = ("model.bn_group_size", "solver.warmup_iters", "solver.momentum", "solver.weight_decay",
                 "solver.weight_decay_norm", "solver.clip_grad_norm", "eval_period", "data.num_workers",
                 "test.precise_bn_iters",

@@ -72,15 +72,23 @@ class MetricsWriter:
     def __init__(self, output_dir, start_iter, max_iter, log_period):
         from torch.utils.tensorboard import SummaryWriter
 
-        out = Path(output_dir)
-        path = out / "metrics.jsonl"
-        kept = _kept_records(path, start_iter)
-        write_atomic(path, lambda f: f.write("".join(kept).encode()))
-        self.metrics = open(path, "a")
-        self.tb = SummaryWriter(str(out / "tb"))
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.metrics = None
+        self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
         self.max_iter, self.log_period = max_iter, log_period
         self.recent = collections.deque(maxlen=20)  # seconds per iteration, for the time left
         self.bar = tqdm(total=max_iter, initial=start_iter, dynamic_ncols=True, disable=not sys.stderr.isatty())
+        self.rewind(start_iter)
+
+    def rewind(self, iteration):
+        """Continue after `iteration`: metrics.jsonl keeps the records up to it (a resumed or rolled-back run
+        writes the later ones again; a killed run may have left a partial last line)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        kept = _kept_records(self.path, iteration)
+        write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
+        self.metrics = open(self.path, "a")
+        self.bar.n = iteration
 
     def write(self, record, images_per_iteration):
         """Record one training iteration: `record` holds "iteration" (done), "epoch", "lr", the losses (with

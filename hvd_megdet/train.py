@@ -132,6 +132,8 @@ class Trainer:
             self.val_loader = build_val_loader(self.val_set, dist.rank(), world, cfg.data.num_workers)
         if dist.is_main() and self.writer is None:
             self.writer = MetricsWriter(self.out, progress.iteration, solver.max_iter, cfg.log_period)
+        elif dist.is_main():  # elastic: back at the last commit, the iterations after it are redone
+            self.writer.rewind(progress.iteration)
         if progress.iteration >= solver.max_iter:
             log(f"already at iteration {progress.iteration} of {solver.max_iter}: nothing to train")
             return self.evaluate(progress.iteration)
@@ -165,7 +167,7 @@ class Trainer:
                                    "skipped": progress.skipped, "amp_overflows": progress.overflows,
                                    "world_size": world, "time": step_time, "data_time": data_time},
                                   images_per_iteration)
-            if self.elastic:
+            if self.elastic and due(done, cfg.elastic.commit_period, solver.max_iter):
                 # Horovod: the state to roll back to when a worker is lost. Last: a failure in a collective
                 # above redoes the iteration, whose record is written only after them.
                 progress.commit()

@@ -122,3 +122,4 @@ def test_the_model_evaluated_in_training_is_the_model_saved(shapes, tmp_path, no
         for (cat, score, box), (cat2, score2, box2) in zip(dets, evaluated[image_id]):
             assert cat == cat2 and score == pytest.approx(score2, abs=1e-4), image_id
             assert box == pytest.approx(box2, abs=1e-2), image_id
+
