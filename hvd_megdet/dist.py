@@ -5,16 +5,32 @@ trainer, evaluator and tests run the same code single-process and under `horovod
 Every function here that communicates must be called by all ranks, in the same order.
 """
 import os
-import socket
 
 import horovod.torch as hvd
-import psutil
 import torch
 
+from hvd_megdet.watchdog import Watchdog
 
-def init():
-    """Initialise Horovod (with dynamic process sets, so BN groups can be registered once the size is known)."""
+_watchdog = {"dog": None}  # this rank's Watchdog, started by init() in a non-elastic job of several ranks
+
+
+def init(stall_limit=0, elastic=False):
+    """Initialise Horovod (with dynamic process sets, so BN groups can be registered once the size is known).
+
+    In a job of several ranks that is not elastic, also start this rank's watchdog (hvd_megdet.watchdog): it
+    names the ranks that exited or hang when a collective fails, and with `stall_limit` > 0 ends the job,
+    naming the rank that holds it up, once a collective has waited that many seconds. A collective then:
+    every rank must call init at the same point. Elastic mode runs no collective outside its loop, and
+    Horovod's elastic driver handles lost workers itself.
+    """
     hvd.init(process_sets="dynamic")
+    if hvd.size() == 1 or elastic:
+        return
+    if _watchdog["dog"] is None:  # once per process: the first call's stall_limit holds
+        dog = Watchdog(stall_limit)
+        # Horovod: every rank's host, pid and the address of its watchdog's monitor, to every rank.
+        dog.start(hvd.rank(), gather_object(dog.card(), name="watchdog_peers"))
+        _watchdog["dog"] = dog
 
 
 def rank():
@@ -68,37 +84,20 @@ def gather_object(obj, name):
     return hvd.allgather_object(obj, name=name)
 
 
-_peers = {"rank": None, "table": []}  # this rank and every rank's (host, pid), from record_peers()
-
-
-def record_peers():
-    """Gather every rank's (host, pid) once, so that a rank whose collective fails can tell which peer died.
-
-    A collective: call it on all ranks, after init (not in elastic mode, where a late joiner must not run
-    collectives outside the elastic loop).
-    """
-    _peers["rank"] = hvd.rank()
-    _peers["table"] = gather_object((socket.gethostname(), os.getpid()), name="peers")
-
-
-def _exited(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, not yet reaped by the launcher
-    except psutil.NoSuchProcess:
-        return True
+def peers():
+    """Every rank's (host, pid), by rank, as gathered by init; [] in a world of 1 or an elastic job."""
+    dog = _watchdog["dog"]
+    return [(card["host"], card["pid"]) for card in dog.peers] if dog is not None else []
 
 
 def lost_peer_message(error):
-    """One line for a failed collective (Horovod's HorovodInternalError): this rank, and the rank(s) that
-    died when they ran on this host (peers on other hosts cannot be checked from here: the launcher names
-    them, e.g. horovodrun's "Process 2 exit with status code 137")."""
-    host = socket.gethostname()
-    lost = [r for r, (h, pid) in enumerate(_peers["table"]) if h == host and pid != os.getpid() and _exited(pid)]
-    who = (f"rank {', '.join(map(str, lost))} {'has' if len(lost) == 1 else 'have'} exited" if lost else
-           "another rank exited or the network failed (see the launcher's log for which rank exited first)")
+    """One line for a failed collective (Horovod's HorovodInternalError): this rank, and the ranks that exited,
+    are unreachable or do not answer, on any host (asked through their watchdogs: a few seconds at most)."""
+    dog = _watchdog["dog"]
+    who = (dog.lost_peers() if dog is not None else "") or \
+        "another rank exited or the network failed (see the launcher's log for which rank exited first)"
     reason = str(error).strip().split(". ")[0] or error.__class__.__name__
-    me = _peers["rank"]
-    return f"{'rank ' + str(me) if me is not None else 'this rank'}: a collective failed: {who} ({reason})"
+    return f"{'rank ' + str(dog.rank) if dog is not None else 'this rank'}: a collective failed: {who} ({reason})"
 
 
 def torch_threads_per_rank():

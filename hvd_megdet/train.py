@@ -251,8 +251,8 @@ def train(cfg, resume=False, elastic=False):
     if elastic and not hvd_elastic.in_elastic_job():
         raise ConfigError("--elastic needs an elastic horovodrun: horovodrun --min-np N --max-np M "
                           "--host-discovery-script SCRIPT ...")
-    # Horovod: initialize the library.
-    dist.init()
+    # Horovod: initialize the library (and, in a job of several ranks, the watchdog that ends a stalled job).
+    dist.init(stall_limit=cfg.stall_limit, elastic=elastic)
     # Horovod: pin this process to its local GPU (CPU: split the cores between local ranks).
     device = dist.device_for(cfg.device)
     if device.type == "cpu":
@@ -304,11 +304,12 @@ def train(cfg, resume=False, elastic=False):
         # Horovod: start every rank from rank 0's parameters, buffers and optimizer state.
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        dist.record_peers()
     if dist.is_main():  # only now: a run that fails on bad input writes nothing
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         log_to_file(out / "log.txt")
+    if dist.peers():
+        log("ranks on hosts: " + ", ".join(f"{r} {host} pid {pid}" for r, (host, pid) in enumerate(dist.peers())))
     log(f"resolved config (also in {out / 'config.yaml'}):\n{dump(cfg).rstrip()}")
     log(f"{cfg.solver.max_iter} iterations; norm={cfg.model.norm} bn_group_size={cfg.model.bn_group_size}")
 

@@ -1,0 +1,304 @@
+"""Stalled and lost ranks: which rank holds a Horovod job up, and an end to a job that waits too long.
+
+    dog = Watchdog(limit=300)          # every rank, after hvd.init(): a status server and a monitor process
+    dog.start(rank, peers)             # peers: every rank's dog.card(), gathered (dist.init does both)
+    dog.lost_peers()                   # after a collective failed: "rank 1 has exited (host c2, pid 77)"
+
+In each rank a thread samples the main thread's stack every second, and a status server answers where the main
+thread is: the collective it waits in and for how long, or the code it runs. Each rank also starts a monitor,
+a small process of its own (`python -m hvd_megdet.watchdog`), which asks its rank every second. A process,
+because a rank blocked in a Horovod call can hold Python's lock: an enqueue waits for Horovod's background
+thread, which with dynamic process sets holds a lock while it waits for a peer, so no thread of the rank runs.
+
+The monitor ends its rank (SIGKILL) after printing one line `error: rank R: stalled ...` when the rank has
+waited `limit` seconds in one collective, or has not answered for `limit` seconds while running; the launcher
+then stops the others. The line names the ranks that hold the job up, from what every other rank's monitor
+says: stopped (SIGSTOP, a debugger), exited, unreachable (host down, network), or running outside any
+collective (a deadlocked data loader, a hung filesystem: the line says where). A monitor also ends its rank
+when nobody reads the rank's output any more (the ssh session of a remote rank closed: its launcher is gone),
+and ends itself with its rank. Ports carry one JSON line out per connection; nothing is ever read from them.
+"""
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import horovod
+import psutil
+
+# Where a main thread waits for its peers: Horovod's collectives and the CGBN layers' own polling wait.
+_COLLECTIVE_FILES = tuple(str(Path(horovod.__file__).parent / "torch" / name)
+                          for name in ("mpi_ops.py", "functions.py", "optimizer.py")) + \
+                    (str(Path(__file__).with_name("sync_bn.py")),)
+_PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's monitor, and again for its reply
+
+
+def local_address():
+    """This host's IPv4 address for peers on other hosts: that of the interface horovodrun chose (Gloo:
+    HOROVOD_GLOO_IFACE, MPI: the first of NCCL_SOCKET_IFNAME; `--network-interface` names it), else the
+    address of the host name unless it is a loopback one (Debian maps it to 127.0.1.1), else the first
+    non-loopback address, else 127.0.0.1."""
+    ipv4 = {name: [a.address for a in addrs if a.family == socket.AF_INET]
+            for name, addrs in psutil.net_if_addrs().items()}
+    for name in (os.environ.get("HOROVOD_GLOO_IFACE"), os.environ.get("NCCL_SOCKET_IFNAME", "").split(",")[0]):
+        if ipv4.get(name):
+            return ipv4[name][0]
+    try:
+        by_name = socket.gethostbyname(socket.gethostname())
+        if not by_name.startswith("127."):
+            return by_name
+    except OSError:
+        pass
+    return next((a for addrs in ipv4.values() for a in addrs if not a.startswith("127.")), "127.0.0.1")
+
+
+def _short(path):
+    """A source path as a reader finds it: from the package folder on (site-packages/ or the repository)."""
+    parts = Path(path).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    return "/".join(parts[parts.index("hvd_megdet"):]) if "hvd_megdet" in parts else path
+
+
+def _frames(frame):
+    """The frames of a stack, innermost first."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _collective_frame(frame):
+    """The outermost frame of the stack that is inside a collective (None when it waits in none)."""
+    inside = [f for f in _frames(frame) if f.f_code.co_filename in _COLLECTIVE_FILES]
+    return inside[-1] if inside else None
+
+
+def _site(frame):
+    return f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
+
+
+def _where(frame):
+    """Where a stack runs: its two innermost frames of this package (innermost first; dist.py's wrappers of
+    collectives skipped), and its innermost frame when that is in other code, e.g. "hvd_megdet/engine.py:54
+    next_batch < hvd_megdet/train.py:210 run (in torch/utils/data/dataloader.py:1133 _try_get_data)"."""
+    frames = list(_frames(frame))
+    if not frames:
+        return "outside Python code"
+    ours = [f for f in frames if "hvd_megdet" in Path(f.f_code.co_filename).parts
+            and Path(f.f_code.co_filename).name != "dist.py"][:2]
+    where = " < ".join(map(_site, ours))
+    if not ours or ours[0] is not frames[0]:
+        where += f" (in {_site(frames[0])})" if ours else _site(frames[0])
+    return where
+
+
+def probe(address, port, timeout=_PROBE_TIMEOUT):
+    """Read the JSON line that the server at (address, port) sends: ("ok", the object), or ("exited" |
+    "unreachable" | "not responding", None)."""
+    try:
+        conn = socket.create_connection((address, port), timeout=timeout)
+    except ConnectionRefusedError:
+        return "exited", None
+    except OSError:  # timeout, no route to host, network unreachable
+        return "unreachable", None
+    with conn:
+        try:
+            line = conn.makefile("rb").readline()
+        except ConnectionResetError:
+            return "exited", None
+        except OSError:
+            return "not responding", None
+    return ("ok", json.loads(line)) if line else ("exited", None)
+
+
+def _serve(server, answer):
+    """Send `answer()` as one JSON line to every connection of `server` (forever, on the calling thread)."""
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            try:
+                conn.sendall((json.dumps(answer()) + "\n").encode())
+            except OSError:
+                pass
+
+
+def _thread(target, *args):
+    threading.Thread(target=target, args=args, name=f"hvd_megdet-{target.__name__}", daemon=True).start()
+
+
+class Watchdog:
+    """This rank's side: the status server, the sampling thread, and the monitor process (module docstring).
+    `limit`: seconds one collective may wait before the job is ended (0 = never; lost peers are still named)."""
+
+    def __init__(self, limit):
+        self._server = socket.create_server(("", 0))
+        self._main = threading.main_thread().ident
+        self._lock = threading.Lock()
+        self._waiting, self._since = None, time.monotonic()  # the collective frame, and when it was first seen
+        self.rank, self.peers = None, []
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        self._monitor = subprocess.Popen(
+            [sys.executable, "-m", "hvd_megdet.watchdog", str(os.getpid()), str(self._server.getsockname()[1]),
+             str(limit)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        ready, _, _ = select.select([self._monitor.stdout], [], [], 60)
+        port = self._monitor.stdout.readline() if ready else ""
+        if not port.strip().isdigit():
+            self._monitor.kill()
+            raise RuntimeError(f"the watchdog's monitor process did not start ({sys.executable} -m hvd_megdet.watchdog)")
+        self._monitor_port = int(port)
+
+    def card(self):
+        """What peers need to reach this rank's monitor: host, pid, address, port."""
+        return {"host": socket.gethostname(), "pid": os.getpid(), "address": local_address(),
+                "port": self._monitor_port}
+
+    def start(self, rank, peers):
+        """Serve status and watch the main thread, as rank `rank` of the ranks whose cards are `peers`."""
+        self.rank, self.peers = rank, peers
+        self._monitor.stdin.write(json.dumps({"rank": rank, "peers": peers}) + "\n")
+        self._monitor.stdin.flush()
+        _thread(_serve, self._server, self.status)
+        _thread(self._sample)
+
+    def status(self):
+        """This rank now: {"collective": where its main thread waits or None, "waiting_s", "where"}."""
+        frame = sys._current_frames().get(self._main)
+        with self._lock:
+            waiting, since = self._waiting, self._since
+        collective = _collective_frame(frame)
+        status = {"collective": None, "waiting_s": None, "where": _where(frame)}
+        if collective is not None:
+            status["collective"] = f"{collective.f_code.co_name} from {_where(collective.f_back)}"
+            status["waiting_s"] = round(time.monotonic() - since, 1) if collective is waiting else 0.0
+        return status
+
+    def _sample(self):
+        while True:
+            time.sleep(0.5)
+            collective = _collective_frame(sys._current_frames().get(self._main))
+            with self._lock:
+                if collective is not self._waiting:  # the frame object is kept, so its identity is unique
+                    self._waiting, self._since = collective, time.monotonic()
+
+    def lost_peers(self):
+        """The ranks that exited, are stopped, unreachable or do not answer, e.g. "rank 1 has exited (host c2,
+        pid 77)", joined by '; ' (empty when every other rank runs)."""
+        return "; ".join(phrase for _, phrase, gone in _survey(self.rank, self.peers) if gone)
+
+
+def _survey(rank, peers):
+    """[(rank, phrase, gone)] for every rank but `rank`, from what its monitor says (asked in parallel): gone
+    when it exited, is stopped, unreachable or does not answer; else the phrase says where it runs."""
+    others = [r for r in range(len(peers)) if r != rank]
+    if not others:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(others))) as pool:
+        answers = list(pool.map(lambda r: probe(peers[r]["address"], peers[r]["port"]), others))
+    found = []
+    for r, (state, view) in zip(others, answers):
+        who = f"(host {peers[r]['host']}, pid {peers[r]['pid']})"
+        if state != "ok":
+            found.append((r, f"rank {r} {_GONE[state]} {who}", True))
+        elif view["state"] != "running":
+            found.append((r, f"rank {r} {_GONE[view['state']]} {who}", True))
+        elif view["status"] is None:
+            found.append((r, f"rank {r} has not answered its monitor for {view['silent_s']:.0f} s: blocked in "
+                             f"native code holding Python's lock {who}", False))
+        elif view["status"]["collective"] is None:
+            found.append((r, f"rank {r} runs outside any collective {who} at {view['status']['where']}", False))
+        else:
+            found.append((r, f"rank {r} waits in {view['status']['collective']} {who}", False))
+    return found
+
+
+_GONE = {"exited": "has exited", "unreachable": "is unreachable: host down or network failed",
+         "not responding": "does not respond: its host is frozen or overloaded",
+         "stopped": "is stopped: SIGSTOP, or a debugger"}
+
+
+def stall_message(rank, peers, what):
+    """The one line for a stall of rank `rank` (`what`: how it waits), naming the ranks that hold it up: those
+    gone or stopped, else those outside any collective, else those blocked holding Python's lock."""
+    found = _survey(rank, peers)
+    culprits = ([phrase for _, phrase, gone in found if gone]
+                or [phrase for _, phrase, _ in found if "outside any collective" in phrase]
+                or [phrase for _, phrase, _ in found if "holding Python's lock" in phrase])
+    if culprits:
+        return f"rank {rank}: stalled: {what}; holding it up: " + "; ".join(culprits)
+    return f"rank {rank}: stalled: {what}; every rank waits in a collective: " + "; ".join(p for _, p, _ in found)
+
+
+class _Monitor:
+    """The monitor process of one rank (module docstring): `python -m hvd_megdet.watchdog PID STATUS_PORT
+    LIMIT`; prints its own port, then reads {"rank", "peers"} from stdin."""
+
+    def __init__(self, pid, status_port, limit):
+        self.rank_process, self.status_port, self.limit = psutil.Process(pid), status_port, limit
+        self.view = {"state": "running", "status": None, "silent_s": 0.0}
+        self._server = socket.create_server(("", 0))
+        print(self._server.getsockname()[1], flush=True)
+        job = json.loads(sys.stdin.readline() or "null")
+        if job is None:  # the rank ended before it started us
+            sys.exit(0)
+        self.rank, self.peers = job["rank"], job["peers"]
+
+    def _rank_state(self):
+        try:
+            status = self.rank_process.status()
+        except psutil.NoSuchProcess:
+            return "exited"
+        if status == psutil.STATUS_ZOMBIE or not self.rank_process.is_running():
+            return "exited"
+        return "stopped" if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP) else "running"
+
+    def run(self):
+        # The rank's state as of now: a rank that just died must not be reported running until the next tick.
+        _thread(_serve, self._server, lambda: {**self.view, "state": self._rank_state()})
+        output = select.poll()
+        output.register(sys.stderr.fileno(), 0)  # no events asked: it reports POLLERR/POLLHUP only
+        tick = min(1.0, self.limit / 10) if self.limit else 1.0
+        silent_since = None
+        while True:
+            time.sleep(tick)
+            state = self._rank_state()
+            if state == "exited":
+                return
+            if output.poll(0):
+                self._end_rank()  # nobody reads the rank's output: its launcher (ssh session) is gone
+                return
+            answer, status = probe("127.0.0.1", self.status_port, timeout=1.0) if state == "running" else (None, None)
+            now = time.monotonic()
+            silent_since = None if answer == "ok" or state != "running" else (silent_since or now)
+            self.view = {"state": state, "status": status, "silent_s": now - silent_since if silent_since else 0.0}
+            if not self.limit or state != "running":
+                continue
+            if status is not None and (status["waiting_s"] or 0) >= self.limit:
+                what = f"waited {status['waiting_s']:.0f} s (stall_limit {self.limit:g} s) in {status['collective']}"
+            elif silent_since is not None and now - silent_since >= self.limit:
+                what = (f"blocked {now - silent_since:.0f} s (stall_limit {self.limit:g} s) in native code holding "
+                        f"Python's lock (a Horovod call waiting for another rank?)")
+            else:
+                continue
+            print(f"error: {stall_message(self.rank, self.peers, what)}", file=sys.stderr, flush=True)
+            self._end_rank()
+            return
+
+    def _end_rank(self):
+        try:
+            self.rank_process.kill()  # SIGKILL: a rank blocked holding Python's lock runs no signal handler
+        except psutil.NoSuchProcess:
+            pass
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is for the rank, not for us
+    _Monitor(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])).run()
