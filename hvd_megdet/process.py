@@ -1,6 +1,10 @@
-"""Process trees: horovodrun starts each rank in its own session, so killing a launcher must reach them all."""
+"""Process trees and lifetimes: horovodrun starts each rank in its own session, so killing a launcher must reach
+them all; a rank's data-loader processes must end with it."""
+import os
 import signal
 import subprocess
+import threading
+import time
 
 import psutil
 
@@ -36,3 +40,30 @@ def run(cmd, timeout, stdout=subprocess.PIPE, **popen):
         if proc.poll() is None:
             kill_tree(proc.pid)
             proc.wait()
+
+
+def exit_with(pid, *_):
+    """Exit this process as soon as process `pid` is gone (checked every second, on a daemon thread).
+
+    For DataLoader workers (`worker_init_fn=functools.partial(exit_with, os.getpid())`): with the forkserver
+    start method their parent is the forkserver, not the rank, so torch's own check of the parent never fires;
+    and the forkserver lives as long as a worker does. A rank ended by SIGTERM or SIGKILL would otherwise leave
+    both behind, each holding the memory of a loaded torch.
+    """
+    try:
+        process = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        os._exit(1)
+
+    def gone():
+        try:  # is_running() also tells a new process that reuses the pid from the old one
+            return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    def wait():
+        while not gone():
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=wait, name="exit_with", daemon=True).start()

@@ -3,11 +3,15 @@
 Ranks and world sizes are plain ints; nothing here talks to Horovod. `train_dataset(cfg)` and
 `val_dataset(cfg)` build the datasets a config names.
 """
+import functools
 import multiprocessing
+import os
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from hvd_megdet.process import exit_with
 
 from .coco import CocoDetection, DatasetError, load_coco
 from .sampler import InferenceShard, TrainBatchSampler, epoch_length
@@ -79,6 +83,8 @@ def _loader_options(num_workers, seed, rank):
                "generator": torch.Generator().manual_seed(derive_seed(seed, rank))}
     if num_workers > 0:
         options["persistent_workers"] = True
+        # Workers end with this process, however it ends (SIGTERM, SIGKILL, a lost peer, the stall limit).
+        options["worker_init_fn"] = functools.partial(exit_with, os.getpid())
         # As Horovod's examples do: forkserver instead of fork, because the communication libraries'
         # threads and network handles in the parent are not fork-safe. The server imports this package
         # once, so workers fork with torch, cv2 and albumentations already loaded.
