@@ -13,9 +13,12 @@ for the new rank and world size and takes the lr of the new global batch from th
 worker that joins does the trainer's set-up, then receives the state from rank 0.
 """
 import os
+import socket
 
 import horovod.torch as hvd
 
+from hvd_megdet import dist
+from hvd_megdet.logs import log
 from hvd_megdet.sync_bn import SyncBatchNorm
 
 
@@ -31,6 +34,16 @@ def set_process_set(model, process_set):
             module.process_set = process_set
 
 
+def describe_workers(before, after):
+    """The log line for a (re)start on the workers whose hosts are `after` (one host name per worker, by
+    rank), naming the hosts that left or joined since `before` (the same for the previous start, or [])."""
+    line = f"elastic: {len(after)} workers on {', '.join(sorted(set(after)))}"
+    if before:
+        line += f" (was {len(before)})"
+    line += "".join(f"; host {h} left" for h in sorted(set(before) - set(after)))
+    return line + "".join(f"; host {h} joined" for h in sorted(set(after) - set(before)) if before)
+
+
 def run(loop, model, optimizer, on_reset, **counters):
     """Run `loop(state)` under Horovod elastic and return its result.
 
@@ -44,4 +57,13 @@ def run(loop, model, optimizer, on_reset, **counters):
     # A failed step's pending gradient allreduces are dropped by the state's restore
     # (hvd.DistributedOptimizer.load_state_dict clears them).
     state.register_reset_callbacks([on_reset])
-    return hvd.elastic.run(loop)(state)
+    hosts = []  # every worker's host at the last (re)start that this process took part in
+
+    def loop_on_these_workers(state):
+        # Horovod: every worker's host, to every worker; inside the elastic loop, where a failure resets.
+        now = dist.gather_object(socket.gethostname(), name="elastic_hosts")
+        log(describe_workers(hosts, now))
+        hosts[:] = now
+        return loop(state)
+
+    return hvd.elastic.run(loop_on_these_workers)(state)

@@ -5,6 +5,7 @@ machine: localhost (2 slots) and 127.0.0.1 (1 slot); the worker on 127.0.0.1 kil
 """
 import json
 import os
+import socket
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from hvd_megdet import checkpoint
 from hvd_megdet.config import load_config
 from hvd_megdet.data.synthetic import make_dataset
+from hvd_megdet.elastic import describe_workers
 from hvd_megdet.process import run
 from hvd_megdet.solver import lr_at
 from tests.harness import HOROVODRUN, REPO
@@ -53,9 +55,18 @@ def test_lost_worker_training_finishes_on_two_with_the_rescaled_lr(tmp_path):
     assert "world size 2 x 2 images = global batch 4; lr 0.02 x 4/16 = 0.005 (linear scaling rule)" in log
     assert "warning: model.bn_group_size=2 does not divide the world size 3" in log
     assert log.index("BN groups of 1 of the 3 ranks") < log.index("BN groups of 2 of the 2 ranks")
+    host = socket.gethostname()  # every worker's: localhost and 127.0.0.1 are this machine
+    assert log.index(f"elastic: 3 workers on {host}") < log.index(f"elastic: 2 workers on {host} (was 3)")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]  # each once: the lost step is redone, not logged twice
     assert [r["world_size"] for r in records] == [3, 3, 2, 2, 2]
     solver = load_config(CONFIG, argv).solver
     assert [r["lr"] for r in records] == [lr_at(r["iteration"] - 1, solver, r["world_size"]) for r in records]
     assert checkpoint.first_nonfinite(checkpoint.load(checkpoint.path_for(out, 5))) is None
+
+
+def test_the_log_names_the_hosts_that_left_or_joined():
+    assert describe_workers([], ["c1", "c2", "c3"]) == "elastic: 3 workers on c1, c2, c3"
+    assert describe_workers(["c1", "c2", "c3"], ["c1", "c2"]) == "elastic: 2 workers on c1, c2 (was 3); host c3 left"
+    assert describe_workers(["c1", "c1"], ["c1", "c2"]) == "elastic: 2 workers on c1, c2 (was 2); host c2 joined"
+    assert describe_workers(["c1", "c1", "c2"], ["c1", "c2"]) == "elastic: 2 workers on c1, c2 (was 3)"
