@@ -3,9 +3,9 @@
     python -m hvd_megdet.export --config configs/demo_shapes.yaml model.weights=CKPT --output detector.pt
 
     # in any process, without hvd_megdet:
-    import torch, torchvision
+    import PIL.Image, torch, torchvision      # importing torchvision registers the NMS op the file calls
     detector = torch.jit.load("detector.pt").eval()
-    image = torchvision.io.decode_image("photo.png", mode=torchvision.io.ImageReadMode.RGB)
+    image = torchvision.transforms.functional.pil_to_tensor(PIL.Image.open("photo.jpg").convert("RGB"))
     with torch.no_grad():
         found = detector([image])[0]        # "boxes" [N, 4] xyxy in the image's pixels, "labels" [N], "scores" [N]
     names = [detector.category_names[i] for i in found["labels"].tolist()]
@@ -17,13 +17,13 @@ same way) but with torch's bilinear interpolation instead of OpenCV's: resized p
 grey level, so on an image that needs resizing the detections are close to, not equal to, those of
 `hvd_megdet.predict`; on an image already at the test size they are the same.
 
-Why TorchScript: the file loads with `torch.jit.load`, which runs TorchScript code only and unpickles no
-Python object, in a process that has never imported hvd_megdet, and torchvision's Faster R-CNN is written to be
-scriptable. `torch.export` fails on it (torchvision's batched NMS branches on the number of boxes, a
-data-dependent guard), and a state dict for a torchvision builder would fit only where a builder matches our
-architecture (fasterrcnn_resnet50_fpn_v2 for resnet50 with BN; none for resnet_tiny/18/34, custom anchors,
-or the test resize), leaving the consumer to rebuild it. TorchScript is deprecated in torch 2.x (a
-FutureWarning, silenced here) but scripts, saves and loads in torch 2.14.
+Why TorchScript: `torch.jit.load` restores TorchScript code and tensors, never arbitrary Python objects, in a
+process that has never imported hvd_megdet, and torchvision's Faster R-CNN is written to be scriptable.
+`torch.export` fails on it (torchvision's batched NMS branches on the number of boxes, a data-dependent guard),
+and a state dict for a torchvision builder would fit at most one of our models (resnet50 with frozen BN and
+torchvision's anchors: fasterrcnn_resnet50_fpn; the _v2 builder has a two-conv RPN head), whose builder
+resizes differently. TorchScript is deprecated in torch 2.x (a FutureWarning, silenced here; loading still
+prints it) but scripts, saves and loads in torch 2.14.
 """
 import argparse
 import dataclasses
@@ -99,8 +99,8 @@ def exportable(cfg, categories):
         if type(module).__module__.startswith("hvd_megdet"):
             module.__class__ = _torchvision_class(type(module))
     old = detector.transform
-    detector.transform = ShortestSideResizeTransform(inference_min_size(cfg.input), cfg.input.max_size, old.image_mean,
-                                             old.image_std, old.size_divisible)
+    detector.transform = ShortestSideResizeTransform(inference_min_size(cfg.input), cfg.input.max_size,
+                                                     old.image_mean, old.image_std, old.size_divisible)
     detector._has_warned = True  # torchvision's "RCNN always returns a (Losses, Detections) tuple" warning
     return ExportedDetector(detector, categories).eval()
 

@@ -52,7 +52,8 @@ def test_train_images_are_drawn_as_the_loader_gives_them(overrides, tmp_path, ca
 
 def test_val_images_at_the_test_size_in_order(overrides, tmp_path, capsys):
     main(["--config", str(CONFIG), *overrides, "--split", "val", "--output", str(tmp_path)])
-    assert capsys.readouterr().out.startswith("3 val images as the model sees them (short side 128, long side <= 176)")
+    out = capsys.readouterr().out
+    assert out.startswith("3 val images as the model sees them (short side 128, long side <= 176)")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["val_000_100001.png", "val_001_100002.png", "val_002_100003.png"]
     for name in names:

@@ -82,7 +82,8 @@ def test_score_threshold_only_limits_what_is_drawn(files, coco_run, tmp_path, ca
     root, overrides = files
     out, _ = run([*overrides, "--input", root / "shapes/val/100001.jpg", "--output", tmp_path,
                   "--score-threshold", "1"], capsys)
-    assert torch.equal(read_image(tmp_path / "100001.png"), read_image(root / "shapes/val/100001.jpg"))  # nothing scores 1: nothing drawn
+    # Nothing scores 1, so nothing is drawn.
+    assert torch.equal(read_image(tmp_path / "100001.png"), read_image(root / "shapes/val/100001.jpg"))
     alone = json.loads((tmp_path / "predictions.json").read_text())
     together = [r for r in json.loads((coco_run / "predictions.json").read_text()) if r["image_id"] == 100001]
     assert alone and [r["score"] for r in alone] == [r["score"] for r in together]  # every detection is kept
