@@ -28,49 +28,90 @@ def expand_file(path):
 
 
 def test_expansion_merges_duplicates_and_skips_invalid_bn_groups(tmp_path):
-    runs, notes = expand_file(write_grid(tmp_path))
+    runs, notes, blocks = expand_file(write_grid(tmp_path))
     names = [r.name for r in runs]
     # batch 2 = 1 rank: CGBN over one rank is per-rank BN (merged with bn); group 2 or 3 does not divide 1.
     # batch 4 = 2 ranks: group 0 (all) and 2 are the same run; 3 does not divide 2.
     # batch 8 = 4 ranks: groups of 4 and 2; 3 does not divide 4.
     expected = []
-    for batch, cgbn in ((2, []), (4, [4]), (8, [8, 4])):
+    for batch, ranks, cgbn in ((2, 1, []), (4, 2, [4]), (8, 4, [8, 4])):
         for warmup in ("_warmup", "_nowarmup"):
-            expected += [f"b{batch}_frozen{warmup}", f"b{batch}_bn2{warmup}"]
-            expected += [f"b{batch}_cgbn{size}{warmup}" for size in cgbn]
+            expected += [f"b{batch}_{ranks}x2_frozen{warmup}_s0", f"b{batch}_{ranks}x2_bn2{warmup}_s0"]
+            expected += [f"b{batch}_{ranks}x2_cgbn{size}{warmup}_s0" for size in cgbn]
     assert sorted(names) == sorted(expected) and len(names) == len(set(names))
     assert sum("does not divide" in n for n in notes) == 8  # (b2: 2, 3; b4: 3; b8: 3) x warmup on / off
+    assert blocks == [("axes[0]", [r.setting for r in runs])]
 
     by_name = {r.name: r for r in runs}
-    r = by_name["b8_cgbn4_warmup"]
+    r = by_name["b8_4x2_cgbn4_warmup_s0"]
     # 48 images / batch 8 = 6 iterations per epoch; 2 epochs; warmup 0.5 epoch; lr 0.02 x 8 / 16.
     assert (r.ranks, r.bn_group_size, r.bn_images, r.iters_per_epoch, r.max_iter, r.warmup_iters) == (4, 2, 4, 6, 12, 3)
+    assert (r.setting, r.seed, r.passes, r.lr_scaling) == ("b8_4x2_cgbn4_warmup", 0, 1, "linear")
     assert r.lr == pytest.approx(0.01)
     assert {"model.norm=cgbn", "model.bn_group_size=2", "solver.max_iter=12", "solver.steps=[9]",
-            "solver.warmup_iters=3", "eval_period=6", "solver.ims_per_gpu=2"} <= set(r.overrides)
-    r = by_name["b2_bn2_nowarmup"]
+            "solver.warmup_iters=3", "eval_period=6", "solver.ims_per_gpu=2", "solver.backward_passes_per_step=1",
+            "seed=0"} <= set(r.overrides)
+    r = by_name["b2_1x2_bn2_nowarmup_s0"]
     assert (r.ranks, r.norm, r.bn_images, r.iters_per_epoch, r.max_iter, r.warmup_iters) == (1, "bn", 2, 24, 48, 0)
     assert r.lr == pytest.approx(0.0025)
-    assert by_name["b4_frozen_warmup"].bn_images == 0
+    assert by_name["b4_2x2_frozen_warmup_s0"].bn_images == 0
+
+
+def test_seeds_layouts_accumulation_and_the_unscaled_control(tmp_path):
+    runs, notes, blocks = expand_file(write_grid(tmp_path, overrides={"solver.base_lr": 0.02, "solver.base_batch": 8},
+                                                 axes=[
+        # 2 ranks whatever the batch; lr scaled and unscaled (at batch 8 = base_batch they are one run)
+        {"title": "scaling", "batch": [8, 32], "ranks": 2, "lr_scaling": ["linear", "none"], "seed": [0, 1]},
+        # BN size at batch 32 on 4 ranks x 2 images x 4 passes: groups of 1, 2 and 4 ranks
+        {"title": "bn size", "batch": [32], "ranks": 4, "backward_passes_per_step": 4, "norm": ["cgbn"],
+         "bn_group_size": [1, 2, 0], "seed": [0]},
+        {"batch": [32], "ranks": 2, "seed": [1]}]))  # already in the first block: no new run
+    assert [r.name for r in runs] == [
+        "b8_2x4_cgbn8_warmup_s0", "b8_2x4_cgbn8_warmup_s1", "b32_2x16_cgbn32_warmup_s0",
+        "b32_2x16_cgbn32_warmup_s1", "b32_2x16_cgbn32_warmup_unscaled_s0", "b32_2x16_cgbn32_warmup_unscaled_s1",
+        "b32_4x2x4_bn2_warmup_s0", "b32_4x2x4_cgbn4_warmup_s0", "b32_4x2x4_cgbn8_warmup_s0"]
+    assert blocks == [("scaling", ["b8_2x4_cgbn8_warmup", "b32_2x16_cgbn32_warmup", "b32_2x16_cgbn32_warmup_unscaled"]),
+                      ("bn size", ["b32_4x2x4_bn2_warmup", "b32_4x2x4_cgbn4_warmup", "b32_4x2x4_cgbn8_warmup"]),
+                      ("axes[2]", ["b32_2x16_cgbn32_warmup"])]
+    by_name = {r.name: r for r in runs}
+    scaled, unscaled = by_name["b32_2x16_cgbn32_warmup_s1"], by_name["b32_2x16_cgbn32_warmup_unscaled_s1"]
+    assert scaled.lr == pytest.approx(0.08) and unscaled.lr == pytest.approx(0.02)
+    assert "solver.base_batch=32" in unscaled.overrides and "solver.base_batch=32" not in scaled.overrides
+    assert "seed=1" in scaled.overrides and scaled.iters_per_epoch == 2  # 48 images / 32
+    r = by_name["b32_4x2x4_cgbn4_warmup_s0"]
+    assert (r.ranks, r.ims_per_gpu, r.passes, r.bn_group_size, r.bn_images) == (4, 2, 4, 2, 4)
+    assert {"solver.ims_per_gpu=2", "solver.backward_passes_per_step=4", "model.bn_group_size=2"} <= set(r.overrides)
+    # the trainer gets the lr the table shows: base_lr x batch / base_batch with the run's own overrides
+    from hvd_megdet.config import load_config
+    for r in (scaled, unscaled, by_name["b8_2x4_cgbn8_warmup_s0"]):
+        cfg = load_config(BASE, r.overrides)
+        assert cfg.solver.base_lr * r.batch / cfg.solver.base_batch == pytest.approx(r.lr)
 
 
 def test_commands_use_the_launcher_for_several_ranks_only(tmp_path):
     grid = ablation.load_grid(write_grid(tmp_path, launcher=["mpirun", "-n", "{np}"]))
-    runs, _ = ablation.expand(grid)
+    runs, _, _ = ablation.expand(grid)
     by_name = {r.name: r for r in runs}
-    one = ablation.command(by_name["b2_bn2_warmup"], tmp_path / "a", grid)
-    four = ablation.command(by_name["b8_cgbn8_warmup"], tmp_path / "b", grid)
+    one = ablation.command(by_name["b2_1x2_bn2_warmup_s0"], tmp_path / "a", grid)
+    four = ablation.command(by_name["b8_4x2_cgbn8_warmup_s0"], tmp_path / "b", grid)
     assert one[1:4] == ["-m", "hvd_megdet.train", "--config"] and one[-1] == f"output_dir={tmp_path / 'a'}"
-    assert four[:3] == ["mpirun", "-n", "4"] and four[3:] == ablation.command(by_name["b8_cgbn8_warmup"],
+    assert four[:3] == ["mpirun", "-n", "4"] and four[3:] == ablation.command(by_name["b8_4x2_cgbn8_warmup_s0"],
                                                                              tmp_path / "b", grid)[3:]
 
 
 @pytest.mark.parametrize("fields, message", [
     ({"epoch": 3}, "unknown key epoch"),
     ({"axes": {"batch": [2], "norms": ["bn"]}}, "unknown key axes[0].norms"),
-    ({"axes": {"batch": [3]}}, "batch 3 is not a positive multiple of ims_per_gpu 2"),
+    ({"axes": {"batch": [3]}}, "batch 3 is not a positive multiple of ims_per_gpu 2 x 1 passes"),
+    ({"axes": {"batch": [4], "backward_passes_per_step": 4}}, "batch 4 is not a positive multiple of ims_per_gpu 2 x 4"),
+    ({"axes": {"batch": [6], "ranks": 4}}, "batch 6 is not a positive multiple of 4 ranks x 1 passes"),
+    ({"axes": {"batch": [4], "ranks": -1}}, "ranks must be >= 0"),
+    ({"axes": {"batch": [4], "backward_passes_per_step": 0}}, "backward_passes_per_step >= 1"),
     ({"axes": {"batch": [2], "norm": ["gn"]}}, "norm must be among"),
+    ({"axes": {"batch": [2], "lr_scaling": ["sqrt"]}}, "lr_scaling must be among linear, none"),
+    ({"axes": {"batch": [2], "seed": [-1]}}, "seed must be >= 0"),
     ({"overrides": {"solver.max_iter": 5}}, "overrides.solver.max_iter is set by the grid"),
+    ({"overrides": {"seed": 5}}, "overrides.seed is set by the grid"),
     ({"launcher": ["horovodrun", "-np", "4"]}, "launcher must contain"),
 ])
 def test_bad_grid_files_name_the_key(tmp_path, fields, message):
@@ -82,15 +123,17 @@ def test_bad_trainer_override_names_the_run(tmp_path):
     grid = ablation.load_grid(write_grid(tmp_path, overrides={"solver.base_lrr": 0.1}))
     with pytest.raises(ConfigError, match="unknown key solver.base_lrr"):
         ablation.expand(grid)
-    grid = ablation.load_grid(write_grid(tmp_path, warmup_epochs=3))  # warmup longer than the 2 epochs
-    with pytest.raises(ConfigError, match=r"run b2_frozen_warmup: .*warmup_iters"):
+    # A step at 0.05 epochs is iteration 1 at batch 2 and 4 (24 and 12 iterations per epoch) but iteration 0,
+    # which the trainer refuses, at batch 8 (6 per epoch): the first run at batch 8 is named.
+    grid = ablation.load_grid(write_grid(tmp_path, steps_epochs=[0.05]))
+    with pytest.raises(ConfigError, match=r"run b8_4x2_frozen_warmup_s0: .*solver.steps must be positive"):
         ablation.expand(grid)
 
 
 def test_paper_grid_expands_to_the_paper_setting():
     grid = ablation.load_grid(REPO / "configs" / "ablation" / "coco_paper.yaml")
     grid.train_images = 117266  # not counted here: the COCO annotations are not on this machine
-    runs, _ = ablation.expand(grid)
+    runs, _, _ = ablation.expand(grid)
     assert {r.batch for r in runs} == {16, 32, 64, 128, 256}
     for r in runs:
         assert r.ranks * 2 == r.batch and r.lr == pytest.approx(0.02 * r.batch / 16)
@@ -111,24 +154,43 @@ def test_divergence_detection():
     assert ablation.divergence([math.nan, math.inf], skipped=2, max_skipped=5) == "no finite loss"
 
 
-def fake_result(name, batch, norm, bn_images, status, ap, reason=None, warmup=True):
-    return {"name": name, "batch": batch, "norm": norm, "bn_images": bn_images, "lr": 0.02 * batch / 16,
-            "warmup": warmup, "warmup_iters": 100 if warmup else 0, "AP": ap, "AP50": None if ap is None else ap + 20,
-            "final_loss": None if ap is None else 0.5, "train_time_s": 5400.0, "status": status, "reason": reason}
+def fake_result(name, batch, norm, bn_images, status, ap, reason=None, warmup=True, seed=0, scaling="linear"):
+    return {"name": f"{name}_s{seed}", "setting": name, "seed": seed, "batch": batch, "ranks": batch // 2,
+            "ims_per_gpu": 2, "passes": 1, "norm": norm, "bn_images": bn_images, "lr_scaling": scaling,
+            "lr": 0.02 * (batch if scaling == "linear" else 16) / 16, "warmup": warmup,
+            "warmup_iters": 100 if warmup else 0, "AP": ap, "AP50": None if ap is None else ap + 20,
+            "final_loss": None if ap is None else 0.5, "train_time_s": 5400.0, "status": status, "reason": reason,
+            "ap_by_epoch": [] if ap is None else [{"epoch": 1.0, "AP": ap / 2, "AP50": ap / 2 + 10},
+                                                  {"epoch": 2.0, "AP": ap, "AP50": ap + 20}]}
 
 
-def test_table_has_the_papers_columns():
-    results = [fake_result("a", 16, "frozen", 0, "converged", 33.84),
-               fake_result("b", 256, "cgbn", 256, "converged", 37.66),
+def test_table_has_the_papers_columns_and_pools_the_seeds():
+    results = [fake_result("a", 16, "frozen", 0, "converged", 30.0),
+               fake_result("a", 16, "frozen", 0, "converged", 31.0, seed=1),
+               fake_result("b", 256, "cgbn", 256, "converged", 37.0),
+               fake_result("u", 256, "cgbn", 256, "converged", 20.0, scaling="none"),
                fake_result("c", 128, "frozen", 0, "diverged", None, reason="loss exploded | at 3"),
+               fake_result("c", 128, "frozen", 0, "converged", 1.0, seed=1),
                fake_result("d", 64, "bn", 2, "failed", None, reason="exit status 1", warmup=False)]
     lines = ablation.table(results).splitlines()
-    assert lines[0] == "| batch | BN | BN size | lr | warmup | AP | AP50 | loss | time | converged |"
-    assert len(lines) == 2 + len(results)
-    assert lines[2] == "| 16 | frozen | - | 0.02 | 100 it | 33.8 | 53.8 | 0.5 | 1.50 h | yes |"
-    assert lines[3] == "| 256 | CGBN | 256 | 0.32 | 100 it | 37.7 | 57.7 | 0.5 | 1.50 h | yes |"
-    assert lines[4] == "| 128 | frozen | - | 0.16 | 100 it | - | - | - | 1.50 h | no: loss exploded / at 3 |"
-    assert lines[5] == "| 64 | BN | 2 | 0.08 | no | - | - | - | 1.50 h | failed: exit status 1 |"
+    assert lines[0] == ("| batch | ranks x images | BN | BN size | lr | warmup | seeds | AP | AP50 | spread AP / AP50 "
+                        "| loss | converged | time |")
+    assert len(lines) == 2 + 5
+    assert lines[2] == "| 16 | 8 x 2 | frozen | - | 0.02 | 100 it | 0, 1 | 30.5 | 50.5 | 1.0 / 1.0 | 0.5 | 2/2 | 1.50 h |"
+    assert lines[3] == "| 256 | 128 x 2 | CGBN | 256 | 0.32 | 100 it | 0 | 37.0 | 57.0 | - / - | 0.5 | 1/1 | 1.50 h |"
+    assert lines[4].startswith("| 256 | 128 x 2 | CGBN | 256 | 0.02 (unscaled) | 100 it | 0 | 20.0 |")
+    assert lines[5] == ("| 128 | 64 x 2 | frozen | - | 0.16 | 100 it | 0, 1 | 1.0 | 21.0 | - / - | 0.5 "
+                        "| 1/2; s0 loss exploded / at 3 | 1.50 h |")
+    assert lines[6] == "| 64 | 32 x 2 | BN | 2 | 0.08 | no | 0 | - | - | - / - | - | 0/1; s0 failed: exit status 1 | 1.50 h |"
+
+    epochs = ablation.epoch_table(results).splitlines()
+    assert epochs[0] == "| setting | 1 | 2 |"
+    assert epochs[2] == "| a | 15.2 / 25.2 | 30.5 / 50.5 |"
+    assert epochs[-1] == "| d | - | - |" and epochs[-2] == "| c | - | - |"  # c: only epochs all seeds reached
+    runs = ablation.run_table(results).splitlines()
+    assert runs[0] == "| run | AP | AP50 | loss | time | outcome |" and len(runs) == 2 + len(results)
+    assert runs[2] == "| a_s0 | 30.0 | 50.0 | 0.5 | 1.50 h | converged |"
+    assert runs[6] == "| c_s0 | - | - | - | 1.50 h | diverged: loss exploded / at 3 |"
 
 
 class FakeTrainer:
@@ -158,14 +220,16 @@ class FakeTrainer:
 
 
 def test_resume_runs_only_what_is_not_done(tmp_path):
-    grid_path = write_grid(tmp_path, axes={"batch": [2, 4], "norm": ["frozen", "cgbn"]})
+    grid_path = write_grid(tmp_path, axes=[{"batch": [2, 4], "norm": ["frozen", "cgbn"], "title": "norms"},
+                                           {"batch": [4], "norm": ["cgbn"], "title": "batch 4"}])
     grid = ablation.load_grid(grid_path)
-    runs, _ = ablation.expand(grid)
+    runs, _, blocks = ablation.expand(grid)
     names = [r.name for r in runs]
-    assert names == ["b2_frozen_warmup", "b2_bn2_warmup", "b4_frozen_warmup", "b4_cgbn4_warmup"]
+    assert names == ["b2_1x2_frozen_warmup_s0", "b2_1x2_bn2_warmup_s0", "b4_2x2_frozen_warmup_s0",
+                     "b4_2x2_cgbn4_warmup_s0"]
     out = tmp_path / "out"
 
-    first = FakeTrainer(fail={"b4_frozen_warmup"})
+    first = FakeTrainer(fail={"b4_2x2_frozen_warmup_s0"})
     results = ablation.run_grid(runs[:3], grid, out, grid_path, execute=first, log=lambda *a: None)
     assert first.calls == names[:3]
     assert [r["status"] for r in results] == ["converged", "converged", "failed"]
@@ -175,7 +239,7 @@ def test_resume_runs_only_what_is_not_done(tmp_path):
     (out / names[3] / "metrics.jsonl").write_text('{"iteration": 1, "loss": 1.0, "skipped": 0, "time": 1}\n')
 
     second = FakeTrainer()
-    results = ablation.run_grid(runs, grid, out, grid_path, execute=second, log=lambda *a: None)
+    results = ablation.run_grid(runs, grid, out, grid_path, execute=second, log=lambda *a: None, blocks=blocks)
     assert second.calls == names[2:]  # the failed and the interrupted run; the done ones are kept
     assert [r["status"] for r in results] == ["converged"] * 4
     assert [e["epoch"] for e in results[3]["ap_by_epoch"]] == [1.0, 2.0]
@@ -189,14 +253,14 @@ def test_resume_runs_only_what_is_not_done(tmp_path):
 
     saved = json.loads((out / "results.json").read_text())["results"]
     assert [r["name"] for r in saved] == names
-    assert (out / "results.md").read_text().count("\n| ") == 1 + len(names)
+    assert (out / "results.md").read_text().count("\n| ") == 3 * (1 + len(names))  # settings, epochs, runs
     for png in ("ap_by_epoch.png", "loss.png", "lr.png"):
         assert (out / png).stat().st_size > 1000
 
 
 def test_outcomes_of_a_finished_process(tmp_path):
     grid = ablation.load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
-    (run,), _ = ablation.expand(grid)
+    (run,), _, _ = ablation.expand(grid)
 
     def collect(returncode, log, losses, skipped=0):
         run_dir = tmp_path / "run"
@@ -239,7 +303,7 @@ def test_tiny_real_grid_end_to_end(tmp_path):
     out = tmp_path / "out"
     assert ablation.main(["--grid", str(grid_path), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
-    assert [(r["name"], r["ranks"]) for r in results] == [("b2_bn2_warmup", 1), ("b4_cgbn4_warmup", 2)]
+    assert [(r["name"], r["ranks"]) for r in results] == [("b2_1x2_bn2_warmup_s0", 1), ("b4_2x2_cgbn4_warmup_s0", 2)]
     for r in results:
         assert r["status"] in ("converged", "diverged"), r
         assert r["iterations_done"] == r["max_iter"] == 2 * r["iters_per_epoch"]
