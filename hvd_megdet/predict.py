@@ -94,9 +94,9 @@ def _coco_images(ann_file, cfg, image_dir):
 
 def list_images(paths, cfg, image_dir=None, categories=None, report=warn):
     """The Entries of `paths` (see the module docstring), in order; the same on every rank. A COCO file that
-    cannot be used, or a folder without images, is reported and left out; so is a COCO file whose categories
-    differ from `categories` (the model's), which is reported but kept. Files that do not exist are kept:
-    reading them names them."""
+    cannot be used, or a folder without images, is reported and left out; a COCO file whose categories differ
+    from `categories` (the model's) is reported and kept. Files that do not exist are kept: reading them names
+    them."""
     coco_entries, files = [], []
     for path in map(Path, paths):
         if path.is_dir():

@@ -129,6 +129,23 @@ def test_files_and_folders_bad_inputs_are_warned_and_skipped(files, tmp_path, ca
     assert "predictions of 4 of 8 images drawn" in stdout
 
 
+def test_a_coco_file_of_another_dataset_needs_its_image_dir(files, tmp_path, capsys):
+    root, overrides = files
+    other = json.loads((root / "shapes/annotations/instances_val.json").read_text())
+    other["images"] = other["images"][:1]
+    other["annotations"] = [a for a in other["annotations"] if a["image_id"] == other["images"][0]["id"]]
+    other["categories"][0]["name"] = "ball"  # a dataset that names category 1 otherwise
+    ann = tmp_path / "other.json"
+    ann.write_text(json.dumps(other))
+    argv = [*overrides, "--input", ann, "--score-threshold", "0"]
+    out, err = run([*argv, "--output", tmp_path / "without"], capsys)
+    assert f"warning: {ann}: pass --image-dir" in err and "predictions of 0 of 0 images" in out
+    out, err = run([*argv, "--output", tmp_path / "with", "--image-dir", root / "shapes/val"], capsys)
+    assert err.strip() == f"warning: {ann}: its categories differ from the model's; ground truth and predictions " \
+                          "are named by their own"
+    assert sorted(p.name for p in (tmp_path / "with").iterdir()) == ["100001.png", "predictions.json"]
+
+
 def test_missing_checkpoint_or_mismatched_config_is_one_line_error(files, tmp_path, capsys):
     root, overrides = files
     argv = ["--config", str(CONFIG), *overrides, "--input", str(root / "shapes/val"), "--output", str(tmp_path)]
