@@ -66,10 +66,10 @@ def test_seeds_layouts_accumulation_and_the_unscaled_control(tmp_path):
         {"title": "bn size", "batch": [32], "ranks": 4, "backward_passes_per_step": 4, "norm": ["cgbn"],
          "bn_group_size": [1, 2, 0], "seed": [0]},
         {"batch": [32], "ranks": 2, "seed": [1]}]))  # already in the first block: no new run
-    assert [r.name for r in runs] == [
-        "b8_2x4_cgbn8_warmup_s0", "b8_2x4_cgbn8_warmup_s1", "b32_2x16_cgbn32_warmup_s0",
-        "b32_2x16_cgbn32_warmup_s1", "b32_2x16_cgbn32_warmup_unscaled_s0", "b32_2x16_cgbn32_warmup_unscaled_s1",
-        "b32_4x2x4_bn2_warmup_s0", "b32_4x2x4_cgbn4_warmup_s0", "b32_4x2x4_cgbn8_warmup_s0"]
+    assert [r.name for r in runs] == [  # every setting's first seed first
+        "b8_2x4_cgbn8_warmup_s0", "b32_2x16_cgbn32_warmup_s0", "b32_2x16_cgbn32_warmup_unscaled_s0",
+        "b32_4x2x4_bn2_warmup_s0", "b32_4x2x4_cgbn4_warmup_s0", "b32_4x2x4_cgbn8_warmup_s0",
+        "b8_2x4_cgbn8_warmup_s1", "b32_2x16_cgbn32_warmup_s1", "b32_2x16_cgbn32_warmup_unscaled_s1"]
     assert blocks == [("scaling", ["b8_2x4_cgbn8_warmup", "b32_2x16_cgbn32_warmup", "b32_2x16_cgbn32_warmup_unscaled"]),
                       ("bn size", ["b32_4x2x4_bn2_warmup", "b32_4x2x4_cgbn4_warmup", "b32_4x2x4_cgbn8_warmup"]),
                       ("axes[2]", ["b32_2x16_cgbn32_warmup"])]

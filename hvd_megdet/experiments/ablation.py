@@ -242,8 +242,9 @@ def run_name(batch, ranks, ims, passes, norm, bn_images, warmup, scaling):
 
 
 def expand(grid, where="grid"):
-    """The grid's runs in file order, duplicates merged, each validated as a trainer config; skip notes; and
-    the blocks as [(title, [setting names in the block])], for plots that compare a block's settings.
+    """The grid's runs, by seed and then in file order, duplicates merged, each validated as a trainer config;
+    skip notes; and the blocks as [(title, [setting names in the block])], for plots that compare a block's
+    settings.
 
     Raises ConfigError naming the run when a run's trainer config is invalid.
     """
@@ -290,6 +291,7 @@ def expand(grid, where="grid"):
                                 seed=seed, epochs=grid.epochs, iters_per_epoch=ipe, max_iter=max_iter,
                                 overrides=overrides))
         blocks.append((ax.title or f"axes[{i}]", settings))
+    runs.sort(key=lambda r: r.seed)  # stable: an interrupted grid has the first seed of every setting first
     return runs, notes, blocks
 
 
