@@ -9,13 +9,21 @@ import os
 import horovod.torch as hvd
 import torch
 
+from hvd_megdet.sync_bn import bn_process_sets
 from hvd_megdet.watchdog import Watchdog
 
 _watchdog = {"dog": None}  # this rank's Watchdog, started by init() in a non-elastic job of several ranks
+_static_bn_sets = []  # the BN groups' process sets that init() registered, for sync_bn.bn_group
 
 
-def init(stall_limit=0, elastic=False):
-    """Initialise Horovod (with dynamic process sets, so BN groups can be registered once the size is known).
+def init(stall_limit=0, elastic=False, bn_group_size=0):
+    """Initialise Horovod, with the process sets that CGBN groups of `bn_group_size` ranks (0 = all) need.
+
+    Process sets cost synchronization in every collective (Horovod's docs), dynamic ones the most, so: plain
+    hvd.init() when the groups span the world or are single ranks (no set is needed); static sets, registered
+    at init from the world size horovodrun exports (HOROVOD_SIZE), for groups in between; dynamic ones only in
+    elastic mode, where the world size changes, or when the world size is not known before init (mpirun).
+    A size that does not divide the world gets plain init here and is refused by the caller, on every rank.
 
     In a job of several ranks that is not elastic, also start this rank's watchdog (hvd_megdet.watchdog): it
     names the ranks that exited or hang when a collective fails, and with `stall_limit` > 0 ends the job,
@@ -23,7 +31,14 @@ def init(stall_limit=0, elastic=False):
     every rank must call init at the same point. Elastic mode runs no collective outside its loop, and
     Horovod's elastic driver handles lost workers itself.
     """
-    hvd.init(process_sets="dynamic")
+    world = int(os.environ.get("HOROVOD_SIZE", 0))  # 0: not known before init
+    if elastic or (not world and bn_group_size > 1):
+        hvd.init(process_sets="dynamic")
+    elif bn_group_size in (0, 1, world) or world % bn_group_size:
+        hvd.init()
+    else:
+        _static_bn_sets[:] = bn_process_sets(bn_group_size, world)
+        hvd.init(process_sets=_static_bn_sets)
     if hvd.size() == 1 or elastic:
         return
     if _watchdog["dog"] is None:  # once per process: the first call's stall_limit holds
@@ -31,6 +46,11 @@ def init(stall_limit=0, elastic=False):
         # Horovod: every rank's host, pid and the address of its watchdog's monitor, to every rank.
         dog.start(hvd.rank(), gather_object(dog.card(), name="watchdog_peers"))
         _watchdog["dog"] = dog
+
+
+def static_bn_sets():
+    """The BN groups' process sets init() registered statically, or None (dynamic registration, or none)."""
+    return list(_static_bn_sets) or None
 
 
 def rank():

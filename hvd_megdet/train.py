@@ -63,7 +63,7 @@ def bn_process_set(bn_group_size, elastic):
         log(f"warning: model.bn_group_size={bn_group_size} does not divide the world size {world}")
     if elastic:
         log(f"BN groups of {k} of the {world} ranks")
-    return bn_group(k)
+    return bn_group(k, None if elastic else dist.static_bn_sets())
 
 
 def restore_latest(out, model, optimizer):
@@ -252,7 +252,7 @@ def train(cfg, resume=False, elastic=False):
         raise ConfigError("--elastic needs an elastic horovodrun: horovodrun --min-np N --max-np M "
                           "--host-discovery-script SCRIPT ...")
     # Horovod: initialize the library (and, in a job of several ranks, the watchdog that ends a stalled job).
-    dist.init(stall_limit=cfg.stall_limit, elastic=elastic)
+    dist.init(stall_limit=cfg.stall_limit, elastic=elastic, bn_group_size=cfg.model.bn_group_size)
     # Horovod: pin this process to its local GPU (CPU: split the cores between local ranks).
     device = dist.device_for(cfg.device)
     if device.type == "cpu":

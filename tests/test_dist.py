@@ -1,0 +1,38 @@
+"""dist: Horovod's set-up on real ranks: which process sets CGBN groups get."""
+import pytest
+
+from tests.harness import run_ranks
+
+pytestmark = pytest.mark.multirank
+
+
+def _init_rank(bn_group_size):
+    import horovod.torch as hvd
+    import torch
+
+    from hvd_megdet import dist
+    from hvd_megdet.train import bn_process_set
+
+    dist.init(bn_group_size=bn_group_size)
+    try:
+        hvd.add_process_set([0])
+        dynamic = True
+    except Exception:  # Horovod refuses new sets unless initialised with dynamic process sets
+        dynamic = False
+    group = bn_process_set(bn_group_size, elastic=False)
+    ranks = None if group is None else group.ranks
+    # Horovod: the group's sum, over its process set (all ranks for None).
+    total = hvd.allreduce(torch.ones(1), op=hvd.Sum, name="group_sum",
+                          process_set=group or hvd.global_process_set).item()
+    return {"dynamic": dynamic, "static": dist.static_bn_sets() is not None, "ranks": ranks, "total": total}
+
+
+def test_groups_over_the_world_need_no_process_set():
+    ranks = run_ranks(_init_rank, np=2, args=(0,), timeout=120)
+    assert ranks == [{"dynamic": False, "static": False, "ranks": None, "total": 2.0}] * 2
+
+
+def test_groups_within_the_world_get_static_process_sets():
+    ranks = run_ranks(_init_rank, np=4, args=(2,), timeout=120)
+    assert [r["ranks"] for r in ranks] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert all(not r["dynamic"] and r["static"] and r["total"] == 2.0 for r in ranks)
