@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hvd_megdet.config import inference_min_size
 from hvd_megdet.process import exit_with
 
 from .coco import CocoDetection, DatasetError, load_coco
@@ -35,10 +36,8 @@ def val_dataset(cfg):
     it names no annotations."""
     if not cfg.data.val.annotations:
         return None
-    inp = cfg.input
-    test_size = inp.test_min_size or inp.min_size[-1]
-    return CocoDetection(cfg.data.val.images, cfg.data.val.annotations,
-                         transforms=build_transforms(False, [test_size], inp.max_size), keep_empty=True)
+    return CocoDetection(cfg.data.val.images, cfg.data.val.annotations, keep_empty=True,
+                         transforms=build_transforms(False, [inference_min_size(cfg.input)], cfg.input.max_size))
 
 
 def collate(batch):
