@@ -38,6 +38,7 @@ _COLLECTIVE_FILES = tuple(str(Path(horovod.__file__).parent / "torch" / name)
                           for name in ("mpi_ops.py", "functions.py", "optimizer.py")) + \
                     (str(Path(__file__).with_name("sync_bn.py")),)
 _PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's monitor, and again for its reply
+_EXIT_GRACE = 10.0  # seconds a rank that printed its error line may take to exit before its monitor ends it
 
 
 def local_address():
@@ -65,7 +66,10 @@ def _short(path):
     for anchor in ("site-packages", "dist-packages"):
         if anchor in parts:
             return "/".join(parts[parts.index(anchor) + 1:])
-    return "/".join(parts[parts.index("hvd_megdet"):]) if "hvd_megdet" in parts else path
+    if "hvd_megdet" not in parts:
+        return path
+    package = len(parts) - 1 - parts[::-1].index("hvd_megdet")  # the last one: a checkout may be named so too
+    return "/".join(parts[package:])
 
 
 def _frames(frame):
@@ -139,7 +143,7 @@ class Watchdog:
     `limit`: seconds one collective may wait before the job is ended (0 = never; lost peers are still named)."""
 
     def __init__(self, limit):
-        self._server = socket.create_server(("", 0))
+        self._server = socket.create_server(("127.0.0.1", 0))  # for this rank's monitor only
         self._main = threading.main_thread().ident
         self._lock = threading.Lock()
         self._waiting, self._since = None, time.monotonic()  # the collective frame, and when it was first seen
@@ -191,18 +195,27 @@ class Watchdog:
 
     def lost_peers(self):
         """The ranks that exited, are stopped, unreachable or do not answer, e.g. "rank 1 has exited (host c2,
-        pid 77)", joined by '; ' (empty when every other rank runs)."""
-        return "; ".join(phrase for _, phrase, gone in _survey(self.rank, self.peers) if gone)
+        pid 77)", joined by '; ' (empty when every other rank runs). Call it from the main thread, which then
+        prints the line and exits: a SIGTERM meanwhile is ignored (see below), and the monitor ends the rank if
+        it has not exited 10 s later."""
+        # horovodrun SIGTERMs the survivors as soon as it sees a rank fail, while this may wait 2 s for a lost
+        # host: ignoring SIGTERM until the caller has printed its line keeps the line (horovodrun SIGKILLs
+        # after 5 s, so nothing is kept alive for long).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        lost = "; ".join(phrase for _, phrase, gone in _survey(self.rank, self.peers, timeout=2.0) if gone)
+        self._monitor.stdin.write("ending\n")  # no stall line from the monitor for a rank on its way out
+        self._monitor.stdin.flush()
+        return lost
 
 
-def _survey(rank, peers):
+def _survey(rank, peers, timeout=_PROBE_TIMEOUT):
     """[(rank, phrase, gone)] for every rank but `rank`, from what its monitor says (asked in parallel): gone
     when it exited, is stopped, unreachable or does not answer; else the phrase says where it runs."""
     others = [r for r in range(len(peers)) if r != rank]
     if not others:
         return []
     with ThreadPoolExecutor(max_workers=min(32, len(others))) as pool:
-        answers = list(pool.map(lambda r: probe(peers[r]["address"], peers[r]["port"]), others))
+        answers = list(pool.map(lambda r: probe(peers[r]["address"], peers[r]["port"], timeout), others))
     found = []
     for r, (state, view) in zip(others, answers):
         who = f"(host {peers[r]['host']}, pid {peers[r]['pid']})"
@@ -250,6 +263,13 @@ class _Monitor:
         if job is None:  # the rank ended before it started us
             sys.exit(0)
         self.rank, self.peers = job["rank"], job["peers"]
+        self.ending_since = None  # when the rank said it is exiting after an error of its own
+
+    def _read_rank(self):
+        """The rank writes "ending" when it has printed its error line and exits."""
+        for line in sys.stdin:
+            if line.strip() == "ending":
+                self.ending_since = time.monotonic()
 
     def _rank_state(self):
         try:
@@ -263,6 +283,7 @@ class _Monitor:
     def run(self):
         # The rank's state as of now: a rank that just died must not be reported running until the next tick.
         _thread(_serve, self._server, lambda: {**self.view, "state": self._rank_state()})
+        _thread(self._read_rank)
         output = select.poll()
         output.register(sys.stderr.fileno(), 0)  # no events asked: it reports POLLERR/POLLHUP only
         tick = min(1.0, self.limit / 10) if self.limit else 1.0
@@ -273,24 +294,31 @@ class _Monitor:
             if state == "exited":
                 return
             if output.poll(0):
-                self._end_rank()  # nobody reads the rank's output: its launcher (ssh session) is gone
-                return
+                return self._end_rank()  # nobody reads the rank's output: its launcher (ssh session) is gone
             answer, status = probe("127.0.0.1", self.status_port, timeout=1.0) if state == "running" else (None, None)
             now = time.monotonic()
             silent_since = None if answer == "ok" or state != "running" else (silent_since or now)
-            self.view = {"state": state, "status": status, "silent_s": now - silent_since if silent_since else 0.0}
-            if not self.limit or state != "running":
+            silent_s = now - silent_since if silent_since else 0.0
+            self.view = {"state": state, "status": status, "silent_s": silent_s}
+            if self.ending_since is not None:
+                if now - self.ending_since >= _EXIT_GRACE:
+                    return self._end_rank()  # it printed its line but hangs on its way out
                 continue
-            if status is not None and (status["waiting_s"] or 0) >= self.limit:
-                what = f"waited {status['waiting_s']:.0f} s (stall_limit {self.limit:g} s) in {status['collective']}"
-            elif silent_since is not None and now - silent_since >= self.limit:
-                what = (f"blocked {now - silent_since:.0f} s (stall_limit {self.limit:g} s) in native code holding "
-                        f"Python's lock (a Horovod call waiting for another rank?)")
-            else:
-                continue
-            print(f"error: {stall_message(self.rank, self.peers, what)}", file=sys.stderr, flush=True)
-            self._end_rank()
-            return
+            stalled = self._stalled(status, silent_s) if state == "running" else None
+            if stalled:
+                print(f"error: {stall_message(self.rank, self.peers, stalled)}", file=sys.stderr, flush=True)
+                return self._end_rank()
+
+    def _stalled(self, status, silent_s):
+        """How the rank is stalled ("waited 300 s ... in <collective>", "blocked 300 s ..."), or None."""
+        if not self.limit:
+            return None
+        if status is not None and (status["waiting_s"] or 0) >= self.limit:
+            return f"waited {status['waiting_s']:.0f} s (stall_limit {self.limit:g} s) in {status['collective']}"
+        if silent_s >= self.limit:
+            return (f"blocked {silent_s:.0f} s (stall_limit {self.limit:g} s) in native code holding Python's lock "
+                    f"(a Horovod call waiting for another rank?)")
+        return None
 
     def _end_rank(self):
         try:

@@ -1,6 +1,6 @@
 """A rank that hangs without dying ends the job after `stall_limit` seconds, with one line naming it.
 
-Two 2-rank trainings (tests.test_loader_lifetime.Job) with stall_limit=10: in one, rank 1 is stopped (SIGSTOP)
+Two 2-rank trainings (tests.test_loader_lifetime.Job) with stall_limit=15: in one, rank 1 is stopped (SIGSTOP)
 from outside mid-run; in the other, rank 1's data-loader worker blocks reading an image (a named pipe that
 nobody writes, as a hung network filesystem would). Rank 0 waits in a collective; its watchdog's monitor asks
 rank 1's where it is, prints the line and ends rank 0, and horovodrun the job; nothing of the job is left.
@@ -19,7 +19,7 @@ from hvd_megdet.data.sampler import TrainBatchSampler
 from tests.test_loader_lifetime import Job, long_run, shapes  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.multirank
-LIMIT = 10
+LIMIT = 15
 # After the limit: a second or two for the monitors' check and answers, then horovodrun's 5 s grace before it
 # SIGKILLs a stopped rank and 5 s more for that rank's shell; measured 20-27 s in all on 2 busy cores.
 END_WITHIN = LIMIT + 25
