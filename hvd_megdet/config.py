@@ -88,6 +88,9 @@ class SolverConfig:
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0  # on the weights and biases of norm layers (detectron2's); others: weight_decay
     fp16_allreduce: bool = False  # compress gradients to fp16 for the allreduce
+    # 0: each gradient is allreduced as soon as it is ready, overlapping the backward pass (Horovod's default);
+    # k: k groups, each allreduced once all its gradients are (1: one allreduce after the backward pass).
+    allreduce_groups: int = 0
     # Gradient accumulation: forward/backward passes of ims_per_gpu images per step, one gradient allreduce;
     # the global batch (and the lr, by the linear scaling rule) is ims_per_gpu x passes x world size.
     backward_passes_per_step: int = 1
@@ -150,6 +153,7 @@ POSITIVE = ("model.rpn_pre_nms_top_n_train", "model.rpn_post_nms_top_n_train", "
             "elastic.commit_period")
 NON_NEGATIVE = ("model.bn_group_size", "solver.warmup_iters", "solver.momentum", "solver.weight_decay",
                 "solver.weight_decay_norm", "solver.clip_grad_norm", "eval_period", "data.num_workers",
+                "solver.allreduce_groups",
                 "test.precise_bn_iters",
                 "input.test_min_size", "stall_limit")
 

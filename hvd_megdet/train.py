@@ -85,6 +85,20 @@ def restore_latest(out, model, optimizer):
     return int(state["iteration"]), state.get("rng"), state.get("scaler"), None
 
 
+def distributed_optimizer(model, solver, name_prefix=""):
+    """SGD for `model` at the lr of the global batch (MegDet's linear scaling rule, solver.scaled_lr), wrapped
+    in hvd.DistributedOptimizer: gradients averaged over the ranks by allreduce during the backward pass, as
+    each becomes ready (or, with solver.allreduce_groups = k, in k groups, each once all its gradients are),
+    after solver.backward_passes_per_step passes. `name_prefix` keeps the allreduce names of several models
+    in one process apart."""
+    lr = scaled_lr(solver.base_lr, solver.base_batch, global_batch(solver, dist.size()))
+    return hvd.DistributedOptimizer(
+        build_optimizer(model, solver, lr),
+        named_parameters=[(name_prefix + name, p) for name, p in model.named_parameters()],
+        compression=hvd.Compression.fp16 if solver.fp16_allreduce else hvd.Compression.none,
+        backward_passes_per_step=solver.backward_passes_per_step, num_groups=solver.allreduce_groups)
+
+
 @dataclass
 class Progress:
     """Where training stands: the next iteration to run (also the training sampler's position), the number
@@ -273,14 +287,8 @@ def train(cfg, resume=False, elastic=False):
     model = detector_from_config(cfg.model, num_classes, process_set=bn_process_set(cfg.model.bn_group_size, elastic),
                                  channels_last=cfg.channels_last).to(device)
 
-    # Horovod: scale the lr by the world size (MegDet's linear scaling rule, see solver.scaled_lr), then
-    # average gradients with allreduce, fused and overlapped with the backward pass.
-    optimizer = hvd.DistributedOptimizer(
-        build_optimizer(model, cfg.solver, scaled_lr(cfg.solver.base_lr, cfg.solver.base_batch,
-                                                     global_batch(cfg.solver, dist.size()))),
-        named_parameters=model.named_parameters(),
-        compression=hvd.Compression.fp16 if cfg.solver.fp16_allreduce else hvd.Compression.none,
-        backward_passes_per_step=cfg.solver.backward_passes_per_step)
+    # Horovod: scale the lr by the world size (MegDet's linear scaling rule), average gradients by allreduce.
+    optimizer = distributed_optimizer(model, cfg.solver)
     init_optimizer_state(optimizer)
     scaler = grad_scaler(device, cfg.amp)
 

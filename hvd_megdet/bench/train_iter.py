@@ -56,6 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="configs/demo_shapes.yaml")
     parser.add_argument("--json", type=Path, help="write the results here (rank 0)")
     parser.add_argument("--trace", type=Path, help="directory for the Horovod and torch.profiler timelines")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. solver.allreduce_groups=1")
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.images < 1:
         parser.error(f"--iters and --images must be >= 1 and --warmup >= 0, got {args.iters}, {args.images}, "
@@ -187,10 +188,9 @@ def run(args):
     from hvd_megdet.data import build_train_loader
     from hvd_megdet.data.synthetic import make_dataset
     from hvd_megdet.engine import next_batch, to_device, train_step
-    from hvd_megdet.solver import build_optimizer, scaled_lr
     from hvd_megdet.data import train_dataset
     from hvd_megdet.model import detector_from_config
-    from hvd_megdet.train import bn_process_set
+    from hvd_megdet.train import bn_process_set, distributed_optimizer
 
     if args.trace:
         args.trace.mkdir(parents=True, exist_ok=True)
@@ -203,21 +203,18 @@ def run(args):
         splits = make_dataset(os.path.join(tmp, f"rank{dist.rank()}"), num_train=args.images, num_val=1)
         images_dir, ann = splits["train"]
         cfg = load_config(args.config, [f"data.train.images={images_dir}", f"data.train.annotations={ann}",
-                                        "data.val.annotations=", "data.num_workers=0"])
+                                        "data.val.annotations=", "data.num_workers=0", *args.overrides])
         train_set = train_dataset(cfg)
         num_classes = len(train_set.label_to_cat_id)
-        lr = scaled_lr(cfg.solver.base_lr, cfg.solver.base_batch, cfg.solver.ims_per_gpu * dist.size())
         models, optimizers, clocks = {}, {}, {}
         process_set = bn_process_set(0, elastic=False)
         for norm, (kind, two_phase) in VARIANTS.items():  # the same order on every rank: CGBN names its
             torch.manual_seed(cfg.seed)                      # collectives by layer creation order
             model = detector_from_config(dataclasses.replace(cfg.model, two_phase=two_phase), num_classes,
                                       norm=kind, process_set=process_set).train()
-            # Horovod: average gradients during backward; parameter names prefixed so the models'
-            # allreduces never share a name.
-            optimizer = hvd.DistributedOptimizer(
-                build_optimizer(model, cfg.solver, lr),
-                named_parameters=[(f"{norm}.{n}", p) for n, p in model.named_parameters()])
+            # Horovod: average gradients as the trainer does; names prefixed so the models' allreduces never
+            # share a name.
+            optimizer = distributed_optimizer(model, cfg.solver, name_prefix=f"{norm}.")
             # Horovod: every rank starts from rank 0's weights.
             hvd.broadcast_parameters({f"{norm}.{k}": v for k, v in model.state_dict().items()}, root_rank=0)
             models[norm], optimizers[norm], clocks[norm] = model, optimizer, _Clock(model, optimizer)
