@@ -103,7 +103,7 @@ def test_commands_use_the_launcher_for_several_ranks_only(tmp_path):
     ({"epoch": 3}, "unknown key epoch"),
     ({"axes": {"batch": [2], "norms": ["bn"]}}, "unknown key axes[0].norms"),
     ({"axes": {"batch": [3]}}, "batch 3 is not a positive multiple of ims_per_gpu 2 x 1 passes"),
-    ({"axes": {"batch": [4], "backward_passes_per_step": 4}}, "batch 4 is not a positive multiple of ims_per_gpu 2 x 4"),
+    ({"axes": {"batch": [4], "backward_passes_per_step": 4}}, "multiple of ims_per_gpu 2 x 4 passes"),
     ({"axes": {"batch": [6], "ranks": 4}}, "batch 6 is not a positive multiple of 4 ranks x 1 passes"),
     ({"axes": {"batch": [4], "ranks": -1}}, "ranks must be >= 0"),
     ({"axes": {"batch": [4], "backward_passes_per_step": 0}}, "backward_passes_per_step >= 1"),
@@ -176,12 +176,20 @@ def test_table_has_the_papers_columns_and_pools_the_seeds():
     assert lines[0] == ("| batch | ranks x images | BN | BN size | lr | warmup | seeds | AP | AP50 | spread AP / AP50 "
                         "| loss | converged | time |")
     assert len(lines) == 2 + 5
-    assert lines[2] == "| 16 | 8 x 2 | frozen | - | 0.02 | 100 it | 0, 1 | 30.5 | 50.5 | 1.0 / 1.0 | 0.5 | 2/2 | 1.50 h |"
-    assert lines[3] == "| 256 | 128 x 2 | CGBN | 256 | 0.32 | 100 it | 0 | 37.0 | 57.0 | - / - | 0.5 | 1/1 | 1.50 h |"
+    assert lines[2] == ("| 16 | 8 x 2 | frozen | - | 0.02 | 100 it | 0, 1 | 30.5 | 50.5 | 1.0 / 1.0 | 0.5 | 2/2 "
+                        "| 1.50 h |")
+    assert lines[3] == ("| 256 | 128 x 2 | CGBN | 256 | 0.32 | 100 it | 0 | 37.0 | 57.0 | - / - | 0.5 | 1/1 "
+                        "| 1.50 h |")
     assert lines[4].startswith("| 256 | 128 x 2 | CGBN | 256 | 0.02 (unscaled) | 100 it | 0 | 20.0 |")
     assert lines[5] == ("| 128 | 64 x 2 | frozen | - | 0.16 | 100 it | 0, 1 | 1.0 | 21.0 | - / - | 0.5 "
                         "| 1/2; s0 loss exploded / at 3 | 1.50 h |")
-    assert lines[6] == "| 64 | 32 x 2 | BN | 2 | 0.08 | no | 0 | - | - | - / - | - | 0/1; s0 failed: exit status 1 | 1.50 h |"
+    assert lines[6] == ("| 64 | 32 x 2 | BN | 2 | 0.08 | no | 0 | - | - | - / - | - | 0/1; s0 failed: exit status 1 "
+                        "| 1.50 h |")
+
+    stopped = ("[1]<stderr>:error: FloatingPointError: iteration 7: non-finite loss on rank 0, 1; stopping "
+               "(solver.nonfinite=stop); diagnostics in out/nonfinite_0000007.json")
+    assert ablation.brief(stopped) == "non-finite at iteration 7: non-finite loss on rank 0, 1"
+    assert ablation.brief("exit status 1") == "exit status 1" and ablation.brief(None) is None
 
     epochs = ablation.epoch_table(results).splitlines()
     assert epochs[0] == "| setting | 1 | 2 |"

@@ -455,9 +455,18 @@ def _describe(r):
     return f"| {r['batch']} | {split} | {norm} | {r['bn_images'] or '-'} | {lr} | {warmup} "
 
 
+def brief(reason):
+    """A run's reason without the log's prefix and the trainer's advice: the trainer's stop on a non-finite
+    step, '[1]<stderr>:error: FloatingPointError: iteration 7: non-finite loss on rank 0, 1; stopping ...',
+    becomes 'non-finite at iteration 7: non-finite loss on rank 0, 1'; other reasons are kept."""
+    if reason and "FloatingPointError: " in reason:
+        return "non-finite at " + reason.split("FloatingPointError: ", 1)[1].split("; ")[0]
+    return reason
+
+
 def _outcome(runs):
     """'2/2', or '1/2; s1: <reason>' naming the runs that did not converge."""
-    bad = [f"s{r['seed']} {'failed: ' if r['status'] == 'failed' else ''}{r['reason']}"
+    bad = [f"s{r['seed']} {'failed: ' if r['status'] == 'failed' else ''}{brief(r['reason'])}"
            for r in runs if r["status"] != "converged"]
     text = f"{len(runs) - len(bad)}/{len(runs)}" + ("; " + "; ".join(bad) if bad else "")
     return text.replace("|", "/")
@@ -485,7 +494,7 @@ def run_table(results):
     """One markdown row per run: its name, AP, AP50, last-epoch loss, time, outcome."""
     rows = ["| run | AP | AP50 | loss | time | outcome |", "|---|---:|---:|---:|---:|---|"]
     for r in results:
-        outcome = r["status"] + (f": {r['reason']}" if r["reason"] else "")
+        outcome = r["status"] + (f": {brief(r['reason'])}" if r["reason"] else "")
         rows.append(f"| {r['name']} | {fmt(r['AP'])} | {fmt(r['AP50'])} | {fmt(r['final_loss'], '.3g')} "
                     f"| {fmt_time(r['train_time_s'])} | {outcome.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
@@ -546,6 +555,11 @@ def plot(results, out, blocks=None):
     groups = by_setting(results)
     blocks = [(title, [s for s in settings if s in groups]) for title, settings in blocks or [("", list(groups))]]
     marker = {"frozen": "x", "bn": "s", "cgbn": "o"}
+    colour = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(groups)}  # one colour per setting
+
+    def label(setting):
+        diverged = sum(r["status"] == "diverged" for r in groups[setting])
+        return setting + (f" ({diverged}/{len(groups[setting])} diverged)" if diverged else "")
 
     def style(r):
         return ":" if r["lr_scaling"] == "none" else "-" if r["warmup"] else "--"
@@ -561,15 +575,16 @@ def plot(results, out, blocks=None):
             r0, curve = groups[setting][0], ap_by_epoch(groups[setting])
             epochs = [row[0] for row in curve]
             for row, metric in enumerate(("AP", "AP50")):
-                line, = axes[row][col].plot(epochs, [c[1 + row] for c in curve], linestyle=style(r0),
-                                            marker=marker[r0["norm"]], label=setting)
+                axes[row][col].plot(epochs, [c[1 + row] for c in curve], linestyle=style(r0), color=colour[setting],
+                                    marker=marker[r0["norm"]], label=label(setting))
                 if row == 1 and len(groups[setting]) > 1:
                     axes[row][col].fill_between(epochs, [c[3] for c in curve], [c[4] for c in curve],
-                                                color=line.get_color(), alpha=0.15)
+                                                color=colour[setting], alpha=0.15)
         for row, metric in enumerate(("AP", "AP50")):
             axes[row][col].set(xlabel="epoch", ylabel=f"bbox {metric} (%)", title=title)
             axes[row][col].grid(alpha=0.3)
-        axes[0][col].legend(fontsize=7)
+        if settings:
+            axes[0][col].legend(fontsize=7)
     save(fig, "ap_by_epoch.png")
 
     fig, axes = plt.subplots(1, len(blocks), figsize=(4.8 * len(blocks), 3.8), squeeze=False)
@@ -584,9 +599,8 @@ def plot(results, out, blocks=None):
             window = max(1, runs[0]["iters_per_epoch"] // 4)
             smooth = mean_curve([moving_average([x["loss"] for x in c], window) for c in curves])
             first_losses += [x for x in smooth[:1] if math.isfinite(x)]
-            diverged = sum(r["status"] == "diverged" for r in runs)
             ax.plot([x["epoch"] for x in curves[0][:len(smooth)]], smooth, linestyle=style(runs[0]),
-                    label=setting + (f" ({diverged} diverged)" if diverged else ""))
+                    color=colour[setting], label=label(setting))
         ax.set(xlabel="epoch", title=title, yscale="log")
         if ax.lines:
             ax.legend(fontsize=7)
