@@ -28,9 +28,9 @@ demo: install
 	@echo "== demo 2/3: training 600 iterations with CGBN on $(NP) CPU ranks, then evaluating (about 7 min on 2 idle cores)"
 	.venv/bin/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
 		$(PY) -m hvd_megdet.train --config configs/demo_shapes.yaml output_dir=$(DEMO_OUT) $(DEMO_DATA_OVERRIDES)
-	@echo "== demo 3/3: drawing the last checkpoint's predictions on the validation images, ground truth beside"
+	@echo "== demo 3/3: drawing the last checkpoint's predictions on 8 validation images, ground truth beside"
 	$(PY) -m hvd_megdet.predict --config configs/demo_shapes.yaml $(DEMO_DATA_OVERRIDES) \
-		model.weights=$$(ls $(DEMO_OUT)/checkpoints/model_*.pth | tail -n 1) \
+		model.weights=$$(ls $(DEMO_OUT)/checkpoints/model_*.pth | tail -n 1) --max-images 8 \
 		--input $(DEMO_DATA)/annotations/instances_val.json --output $(DEMO_OUT)/predictions
 	@echo "demo outputs: $(DEMO_OUT) (eval/latest.json, metrics.jsonl, checkpoints, config.yaml, log.txt)"
 	@echo "look at the predictions: $(DEMO_OUT)/predictions/*.png (left: predictions, right: ground truth)"

@@ -174,9 +174,10 @@ def drawing(image, results, names, score_threshold, truth=None, truth_names=()):
     return side_by_side(drawn, truth_drawn)
 
 
-def predict(cfg, inputs, output, score_threshold=0.5, image_dir=None):
-    """Predict and draw `inputs` (paths) into folder `output` (module docstring); returns this rank's number
-    of images drawn. Collective: under horovodrun every rank calls it; rank 0 writes predictions.json."""
+def predict(cfg, inputs, output, score_threshold=0.5, image_dir=None, max_images=0):
+    """Predict and draw `inputs` (paths) into folder `output` (module docstring), the first `max_images` of
+    them (0 = all); returns this rank's number of images drawn. Collective: under horovodrun every rank calls
+    it; rank 0 writes predictions.json."""
     device = start_inference(cfg, "predict")
     output = Path(output)
     try:
@@ -189,7 +190,7 @@ def predict(cfg, inputs, output, score_threshold=0.5, image_dir=None):
     names = {c["id"]: c["name"] for c in categories}
     model = inference_model(cfg, len(label_to_cat_id), device)
     transform = build_transforms(False, [inference_min_size(cfg.input)], cfg.input.max_size)
-    entries = list_images(inputs, cfg, image_dir, categories, report)
+    entries = list_images(inputs, cfg, image_dir, categories, report)[:max_images or None]
 
     results, drawn = [], 0
     for i in InferenceShard(len(entries), dist.rank(), dist.size()):
@@ -227,10 +228,13 @@ def parse_args(argv=None):
                         help="draw detections scoring at least this (predictions.json keeps them all)")
     parser.add_argument("--image-dir", help="folder of the images of the COCO *.json inputs (default: the "
                                             "config's, for its own annotation files)")
+    parser.add_argument("--max-images", type=int, default=0, help="only the first N images of the inputs (0 = all)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.weights=CKPT")
     args = parser.parse_intermixed_args(argv)
     if not 0.0 <= args.score_threshold <= 1.0:
         parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    if args.max_images < 0:
+        parser.error(f"--max-images must be >= 0, got {args.max_images}")
     return args
 
 
@@ -238,7 +242,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         predict(load_config(args.config, args.overrides), args.input, args.output, args.score_threshold,
-                args.image_dir)
+                args.image_dir, args.max_images)
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
 

@@ -90,6 +90,15 @@ def test_score_threshold_only_limits_what_is_drawn(files, coco_run, tmp_path, ca
     assert "predictions of 1 of 1 images drawn" in out
 
 
+def test_max_images_draws_only_the_first_inputs(files, tmp_path, capsys):
+    root, overrides = files
+    out, _ = run([*overrides, "--input", root / "shapes/annotations/instances_val.json", "--output", tmp_path,
+                  "--max-images", "2"], capsys)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["100001.png", "100002.png"]
+    assert {r["image_id"] for r in json.loads((tmp_path / "predictions.json").read_text())} <= {100001, 100002}
+    assert "predictions of 2 of 2 images drawn" in out
+
+
 def _png_header(width, height):
     """A PNG file whose header declares width x height RGB pixels, with a tiny body (a decompression bomb)."""
     def chunk(kind, data):
