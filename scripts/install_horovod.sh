@@ -12,12 +12,20 @@
 #   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures for Horovod's CUDA kernels (default: 75,80,86,90)
 #   CUDA_HOME                   CUDA toolkit root (default: /usr/local/cuda when it holds bin/nvcc)
 #   HOROVOD_WHEEL_CACHE         where built wheels are kept (default: ~/.cache/hvd_megdet/wheels)
+#   HOROVOD_SDIST               a local horovod-0.28.1.tar.gz (still sha256-checked), for a machine without network:
+#                               nothing is downloaded, and the CMake already there builds it (env's bin/, else PATH)
+#   HOROVOD_NCCL_PIP            1: link the NCCL of $PYTHON's nvidia-nccl pip package (the one torch loads) for
+#                               HOROVOD_GPU_OPERATIONS=NCCL, instead of a system NCCL
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
 HOROVOD_SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
 # CMake 4 refuses gloo's `cmake_minimum_required(VERSION 2.8.12)`; 3.31 is the last release that accepts it.
 CMAKE_VERSION=3.31.6
+# The build recipe's id, part of the cache key: change it whenever an edit changes what is built (the patches,
+# the flags), so that installed builds and cached wheels are rebuilt. (It was the script's sha256 until the
+# offline and pip-NCCL options, which leave the default build unchanged, were added.)
+RECIPE=252f39a905b2
 
 say() { echo "install_horovod: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -52,10 +60,10 @@ else
     BUILD_KIND=cpu
 fi
 command -v mpicc >/dev/null 2>&1 && BUILD_KIND="$BUILD_KIND-mpi"
+[ "${HOROVOD_NCCL_PIP:-0}" = 1 ] && BUILD_KIND="$BUILD_KIND-ncclpip"
 
-# Everything that changes the built binary goes into the key, this script included.
-SCRIPT_SHA=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)
-KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-py$PY_VERSION-$BUILD_KIND-gpuops-${HOROVOD_GPU_OPERATIONS:-none}-cc-${HOROVOD_BUILD_CUDA_CC_LIST:-none}-$SCRIPT_SHA"
+# Everything that changes the built binary goes into the key, the build recipe included.
+KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-py$PY_VERSION-$BUILD_KIND-gpuops-${HOROVOD_GPU_OPERATIONS:-none}-cc-${HOROVOD_BUILD_CUDA_CC_LIST:-none}-$RECIPE"
 KEY=${KEY//[^A-Za-z0-9._-]/_}
 STAMP="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/.hvd_megdet_horovod_key"
 
@@ -78,8 +86,14 @@ if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
     say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION ($BUILD_KIND); this takes a few minutes"
-    "$PYTHON" -m pip install -q "cmake==$CMAKE_VERSION"
-    "$PYTHON" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$WORK"
+    if [ -n "${HOROVOD_SDIST:-}" ]; then
+        cp "$HOROVOD_SDIST" "$WORK/horovod-$HOROVOD_VERSION.tar.gz" || die "HOROVOD_SDIST=$HOROVOD_SDIST: cannot read it"
+        HOROVOD_CMAKE=$(PATH="$BIN_DIR:$PATH" command -v cmake) || die "HOROVOD_SDIST builds offline and needs a CMake; none found"
+    else
+        "$PYTHON" -m pip install -q "cmake==$CMAKE_VERSION"
+        "$PYTHON" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$WORK"
+        HOROVOD_CMAKE="$BIN_DIR/cmake"
+    fi
     echo "$HOROVOD_SHA256  $WORK/horovod-$HOROVOD_VERSION.tar.gz" | sha256sum -c --quiet - \
         || die "sha256 mismatch for horovod-$HOROVOD_VERSION.tar.gz"
     tar -xzf "$WORK/horovod-$HOROVOD_VERSION.tar.gz" -C "$WORK"
@@ -99,9 +113,27 @@ if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     patch_line third_party/gloo/CMakeLists.txt '-std=c++11 -fPIC' '-std=c++17 -fPIC'
 
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1
-    export HOROVOD_CMAKE="$BIN_DIR/cmake"
-    export MAKEFLAGS="-j$(nproc)"
-    (cd "$SRC" && "$PYTHON" -m pip wheel -q --no-build-isolation --no-deps . -w "$WORK/dist") \
+    cmake_major=$("$HOROVOD_CMAKE" --version | sed -n 's/^cmake version \([0-9]*\).*/\1/p')
+    if [ "${cmake_major:-0}" -ge 4 ]; then
+        export CMAKE_POLICY_VERSION_MINIMUM=3.5  # CMake 4 configures gloo only with this
+    fi
+    if [ "${HOROVOD_NCCL_PIP:-0}" = 1 ]; then
+        nccl=$("$PYTHON" -c 'import importlib.util as u; print(list(u.find_spec("nvidia.nccl").submodule_search_locations)[0])') \
+            || die "HOROVOD_NCCL_PIP=1: no nvidia.nccl package (nvidia-nccl-cu*) in $PYTHON's environment"
+        # The wheel has lib/libnccl.so.2 only; CMake's find_library wants libnccl.so. At run time torch has
+        # already loaded libnccl.so.2 from the wheel, so Horovod's library finds it loaded.
+        mkdir -p "$WORK/nccl_lib" && ln -sf "$nccl/lib/libnccl.so.2" "$WORK/nccl_lib/libnccl.so"
+        export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$WORK/nccl_lib" HOROVOD_NCCL_LINK=SHARED
+    fi
+    # Without make (a pip-installed CMake and ninja, say), CMake's Ninja generator; quiet, because Horovod's
+    # setup.py passes a verbose build's VERBOSE=1 on to the build tool, which ninja takes for a target.
+    quiet=()
+    if ! command -v make >/dev/null 2>&1 && PATH="$BIN_DIR:$PATH" command -v ninja >/dev/null 2>&1; then
+        export CMAKE_GENERATOR=Ninja PATH="$BIN_DIR:$PATH"
+    fi
+    [ "${CMAKE_GENERATOR:-}" = Ninja ] && quiet=(--config-settings verbose=false)
+    export HOROVOD_CMAKE MAKEFLAGS="-j$(nproc)"
+    (cd "$SRC" && "$PYTHON" -m pip wheel -q "${quiet[@]}" --no-build-isolation --no-deps . -w "$WORK/dist") \
         || die "Horovod build failed (see the compiler output above)"
     mkdir -p "$WHEEL_DIR"
     cp "$WORK"/dist/horovod-*.whl "$WHEEL_DIR/"
