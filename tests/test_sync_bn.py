@@ -596,6 +596,8 @@ def test_bn_groups_of_two_on_four_ranks():
 
 @pytest.mark.multirank
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.skipif(torch.cuda.device_count() < 2 and bool(hvd.nccl_built()),
+                    reason="one GPU: NCCL refuses two ranks on the same GPU")
 def test_cuda_tensors_on_two_ranks():
     results = run_ranks(_cuda_semantics, np=2, timeout=180)
     _assert_errors(results, "cuda/")
