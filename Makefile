@@ -5,7 +5,7 @@ NP ?= 2
 DEMO_DATA ?= data/shapes
 DEMO_OUT ?= output/demo
 
-.PHONY: install demo test test-fast bench docker-test multihost-test clean
+.PHONY: install demo test test-fast bench docker-test multihost-test gpu-check clean
 
 install: $(INSTALLED)
 	@echo "== Horovod: built from source the first time (about 2.5 min), later reused (seconds)"
@@ -52,6 +52,11 @@ docker-test: install
 # "Testing many hosts").
 multihost-test:
 	scripts/multihost_test.sh
+
+# The prepared GPU check on a machine with one CUDA GPU (README.md, "GPU check"): builds Horovod with NCCL for
+# that GPU, then CGBN against nn.BatchNorm2d and R50-FPN images/s, into gpu_check.json.
+gpu-check: install
+	PYTHON=$(PY) scripts/gpu_check.sh --out output/gpu_check.json
 
 clean:
 	rm -rf .venv output data .pytest_cache
