@@ -21,8 +21,9 @@ from tests.test_faults import CONFIG, overrides, train_killed_when
 
 pytestmark = pytest.mark.multirank
 
-# The worker on host 127.0.0.1 dies (SIGKILL) when it is about to load the batch of its iteration 2.
-KILL_ON_127 = train_killed_when('os.environ["HOROVOD_HOSTNAME"] == "127.0.0.1" and calls[0] == 2')
+# The worker on host 127.0.0.1 dies (SIGKILL) when it is about to load the batch of its iteration 4, one
+# iteration after the elastic commit of iteration 2 (elastic.commit_period 2 below).
+KILL_ON_127 = train_killed_when('os.environ["HOROVOD_HOSTNAME"] == "127.0.0.1" and calls[0] == 3')
 
 
 def elastic_horovodrun(argv, discovery, timeout):
@@ -46,7 +47,8 @@ def test_lost_worker_training_finishes_on_two_with_the_rescaled_lr(tmp_path):
     discovery.chmod(0o755)
     out = tmp_path / "out"
     # BN groups of 2: 2 does not divide 3 (groups of 1 rank until the worker is lost), then groups of 2.
-    argv = overrides(data, out, **{"solver.max_iter": 5, "checkpoint_period": 5, "model.bn_group_size": 2})
+    argv = overrides(data, out, **{"solver.max_iter": 5, "checkpoint_period": 5, "model.bn_group_size": 2,
+                                        "elastic.commit_period": 2})
     code, log = elastic_horovodrun([sys.executable, "-c", KILL_ON_127, "--elastic", "--config", CONFIG, *argv],
                                    discovery, timeout=300)
     assert code == 0, log[-4000:]
@@ -58,7 +60,8 @@ def test_lost_worker_training_finishes_on_two_with_the_rescaled_lr(tmp_path):
     host = socket.gethostname()  # every worker's: localhost and 127.0.0.1 are this machine
     assert log.index(f"elastic: 3 workers on {host}") < log.index(f"elastic: 2 workers on {host} (was 3)")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]  # each once: the lost step is redone, not logged twice
+    # Each once: the iteration after the last commit (3) is redone on two workers and its record rewritten.
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
     assert [r["world_size"] for r in records] == [3, 3, 2, 2, 2]
     solver = load_config(CONFIG, argv).solver
     assert [r["lr"] for r in records] == [lr_at(r["iteration"] - 1, solver, r["world_size"]) for r in records]
