@@ -16,7 +16,9 @@ then stops the others. The line names the ranks that hold the job up, from what 
 says: stopped (SIGSTOP, a debugger), exited, unreachable (host down, network), or running outside any
 collective (a deadlocked data loader, a hung filesystem: the line says where). A monitor also ends its rank
 when nobody reads the rank's output any more (the ssh session of a remote rank closed: its launcher is gone),
-and ends itself with its rank. Ports carry one JSON line out per connection; nothing is ever read from them.
+and ends itself with its rank. A launcher that ends a job after one of its ranks failed (horovodrun SIGTERMs
+the processes it started on its own host) can be quicker than the survivors' failed collective, which would
+have named the lost rank: the monitor, SIGTERMed with its rank, names the ranks already gone instead. Ports carry one JSON line out per connection; nothing is ever read from them.
 """
 import json
 import os
@@ -39,6 +41,10 @@ _COLLECTIVE_FILES = tuple(str(Path(horovod.__file__).parent / "torch" / name)
                     (str(Path(__file__).with_name("sync_bn.py")),)
 _PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's monitor, and again for its reply
 _EXIT_GRACE = 10.0  # seconds a rank that printed its error line may take to exit before its monitor ends it
+# Seconds a monitor keeps answering after its rank exited when its rank reported an error or its launcher
+# SIGTERMed it: peers ended by the same launcher read that, not "exited", and print no line of their own
+# (horovodrun SIGKILLs what is left 5 s after its SIGTERM).
+_LINGER = 4.0
 
 
 def local_address():
@@ -202,15 +208,17 @@ class Watchdog:
         # host: ignoring SIGTERM until the caller has printed its line keeps the line (horovodrun SIGKILLs
         # after 5 s, so nothing is kept alive for long).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        lost = "; ".join(phrase for _, phrase, gone in _survey(self.rank, self.peers, timeout=2.0) if gone)
+        lost = "; ".join(_phrases(_survey(self.rank, self.peers, timeout=2.0), "gone"))
         self._monitor.stdin.write("ending\n")  # no stall line from the monitor for a rank on its way out
         self._monitor.stdin.flush()
         return lost
 
 
 def _survey(rank, peers, timeout=_PROBE_TIMEOUT):
-    """[(rank, phrase, gone)] for every rank but `rank`, from what its monitor says (asked in parallel): gone
-    when it exited, is stopped, unreachable or does not answer; else the phrase says where it runs."""
+    """[(rank, phrase, kind)] for every rank but `rank`, from what its monitor says (asked in parallel). kind:
+    "gone" (exited, stopped, unreachable or its monitor does not answer), "reported" (it printed an error line
+    of its own), "terminated" (its launcher is ending it), "outside" (runs outside any collective: the phrase
+    says where), "blocked" (holding Python's lock) or "waiting" (in a collective)."""
     others = [r for r in range(len(peers)) if r != rank]
     if not others:
         return []
@@ -219,18 +227,26 @@ def _survey(rank, peers, timeout=_PROBE_TIMEOUT):
     found = []
     for r, (state, view) in zip(others, answers):
         who = f"(host {peers[r]['host']}, pid {peers[r]['pid']})"
-        if state != "ok":
-            found.append((r, f"rank {r} {_GONE[state]} {who}", True))
+        if state == "ok" and view.get("reported"):
+            found.append((r, f"rank {r} reported an error {who}", "reported"))
+        elif state == "ok" and view.get("terminated"):
+            found.append((r, f"rank {r} is being ended by its launcher {who}", "terminated"))
+        elif state != "ok":
+            found.append((r, f"rank {r} {_GONE[state]} {who}", "gone"))
         elif view["state"] != "running":
-            found.append((r, f"rank {r} {_GONE[view['state']]} {who}", True))
+            found.append((r, f"rank {r} {_GONE[view['state']]} {who}", "gone"))
         elif view["status"] is None:
             found.append((r, f"rank {r} has not answered its monitor for {view['silent_s']:.0f} s: blocked in "
-                             f"native code holding Python's lock {who}", False))
+                             f"native code holding Python's lock {who}", "blocked"))
         elif view["status"]["collective"] is None:
-            found.append((r, f"rank {r} runs outside any collective {who} at {view['status']['where']}", False))
+            found.append((r, f"rank {r} runs outside any collective {who} at {view['status']['where']}", "outside"))
         else:
-            found.append((r, f"rank {r} waits in {view['status']['collective']} {who}", False))
+            found.append((r, f"rank {r} waits in {view['status']['collective']} {who}", "waiting"))
     return found
+
+
+def _phrases(found, kind):
+    return [phrase for _, phrase, k in found if k == kind]
 
 
 _GONE = {"exited": "has exited", "unreachable": "is unreachable: host down or network failed",
@@ -242,9 +258,7 @@ def stall_message(rank, peers, what):
     """The one line for a stall of rank `rank` (`what`: how it waits), naming the ranks that hold it up: those
     gone or stopped, else those outside any collective, else those blocked holding Python's lock."""
     found = _survey(rank, peers)
-    culprits = ([phrase for _, phrase, gone in found if gone]
-                or [phrase for _, phrase, _ in found if "outside any collective" in phrase]
-                or [phrase for _, phrase, _ in found if "holding Python's lock" in phrase])
+    culprits = _phrases(found, "gone") or _phrases(found, "outside") or _phrases(found, "blocked")
     if culprits:
         return f"rank {rank}: stalled: {what}; holding it up: " + "; ".join(culprits)
     return f"rank {rank}: stalled: {what}; every rank waits in a collective: " + "; ".join(p for _, p, _ in found)
@@ -258,12 +272,16 @@ class _Monitor:
         self.rank_process, self.status_port, self.limit = psutil.Process(pid), status_port, limit
         self.view = {"state": "running", "status": None, "silent_s": 0.0}
         self._server = socket.create_server(("", 0))
+        self.rank, self.peers = None, []
+        self.ending_since = None  # when the rank said it is exiting after an error of its own
+        self.terminated_at = None  # when the launcher SIGTERMed us (with our rank)
+        self.reported_at = None  # when we printed a stall line
+        signal.signal(signal.SIGTERM, self.on_sigterm)
         print(self._server.getsockname()[1], flush=True)
         job = json.loads(sys.stdin.readline() or "null")
         if job is None:  # the rank ended before it started us
             sys.exit(0)
         self.rank, self.peers = job["rank"], job["peers"]
-        self.ending_since = None  # when the rank said it is exiting after an error of its own
 
     def _read_rank(self):
         """The rank writes "ending" when it has printed its error line and exits."""
@@ -282,7 +300,9 @@ class _Monitor:
 
     def run(self):
         # The rank's state as of now: a rank that just died must not be reported running until the next tick.
-        _thread(_serve, self._server, lambda: {**self.view, "state": self._rank_state()})
+        _thread(_serve, self._server,
+                lambda: {**self.view, "state": self._rank_state(), "terminated": self.terminated_at is not None,
+                         "reported": self.reported_at is not None or self.ending_since is not None})
         _thread(self._read_rank)
         output = select.poll()
         output.register(sys.stderr.fileno(), 0)  # no events asked: it reports POLLERR/POLLHUP only
@@ -292,6 +312,9 @@ class _Monitor:
             time.sleep(tick)
             state = self._rank_state()
             if state == "exited":
+                if time.monotonic() - max(self.terminated_at or 0, self.reported_at or 0, self.ending_since or 0) \
+                        < _LINGER:
+                    continue  # still telling peers that the launcher ends this rank, or that it reported
                 return
             if output.poll(0):
                 return self._end_rank()  # nobody reads the rank's output: its launcher (ssh session) is gone
@@ -304,10 +327,26 @@ class _Monitor:
                 if now - self.ending_since >= _EXIT_GRACE:
                     return self._end_rank()  # it printed its line but hangs on its way out
                 continue
-            stalled = self._stalled(status, silent_s) if state == "running" else None
+            stalled = self._stalled(status, silent_s) if state == "running" and self.reported_at is None else None
             if stalled:
                 print(f"error: {stall_message(self.rank, self.peers, stalled)}", file=sys.stderr, flush=True)
-                return self._end_rank()
+                self.reported_at = time.monotonic()
+                self._end_rank()
+
+    def on_sigterm(self, *_):
+        """The launcher ends our rank, and us with it: print one line naming the ranks that were gone already
+        (a lost host whose loss the launcher saw before the collectives failed), unless none is gone (a
+        scheduler's cancel) or a line was printed already, by our rank or another. The rank ends by the same
+        signal or the launcher's SIGKILL."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.terminated_at = time.monotonic()
+        if self.ending_since is not None:
+            return
+        found = _survey(self.rank, self.peers, timeout=2.0)
+        gone = _phrases(found, "gone")
+        if gone and not _phrases(found, "reported") and self.ending_since is None:
+            print(f"error: rank {self.rank}: ended by the launcher; gone before: {'; '.join(gone)}", file=sys.stderr,
+                  flush=True)
 
     def _stalled(self, status, silent_s):
         """How the rank is stalled ("waited 300 s ... in <collective>", "blocked 300 s ..."), or None."""

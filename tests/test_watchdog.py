@@ -2,6 +2,7 @@
 
 The stall and lost-peer paths on real Horovod ranks: tests/test_stall.py, test_loader_lifetime.py, test_faults.py.
 """
+import json
 import os
 import signal
 import socket
@@ -53,17 +54,39 @@ def test_status_names_the_collective_a_thread_waits_in_and_where_it_was_called(m
     assert status["collective"].startswith("allreduce_like from ") and status["waiting_s"] == 0.0
 
 
+def start_monitor(rank_pid, rank, peers, status_port):
+    """`python -m hvd_megdet.watchdog` for the process `rank_pid` as rank `rank` of `peers`; (process, its port)."""
+    monitor = subprocess.Popen([sys.executable, "-m", "hvd_megdet.watchdog", str(rank_pid), str(status_port), "0"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = int(monitor.stdout.readline())
+    monitor.stdin.write(json.dumps({"rank": rank, "peers": peers}) + "\n")
+    monitor.stdin.flush()
+    return monitor, port
+
+
+def closed_port():
+    """A local port nobody listens on: a peer whose monitor has exited."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        return server.getsockname()[1]
+
+
+def serving(answer):
+    """A local server that answers like a peer's monitor, with `answer`; its card."""
+    server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=watchdog._serve, args=(server, lambda: answer), daemon=True).start()
+    return server
+
+
+def card(host, pid, port):
+    return {"host": host, "pid": pid, "address": "127.0.0.1", "port": port}
+
+
 def test_a_monitor_reports_its_rank_running_stopped_or_exited():
     """A stand-in rank (a sleeping process) with a watchdog's monitor: what a peer's probe reads."""
     rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     status_server = socket.create_server(("127.0.0.1", 0))  # the rank's status server, which never answers
-    monitor = subprocess.Popen([sys.executable, "-m", "hvd_megdet.watchdog", str(rank.pid),
-                                str(status_server.getsockname()[1]), "0"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    monitor, port = start_monitor(rank.pid, 1, [], status_server.getsockname()[1])
     try:
-        port = int(monitor.stdout.readline())
-        monitor.stdin.write('{"rank": 1, "peers": []}\n')
-        monitor.stdin.flush()
         assert probe("127.0.0.1", port)[1]["state"] == "running"
         os.kill(rank.pid, signal.SIGSTOP)
         time.sleep(0.2)
@@ -76,3 +99,43 @@ def test_a_monitor_reports_its_rank_running_stopped_or_exited():
         rank.kill()
         monitor.kill()
         status_server.close()
+
+
+def sigterm_line(peers):
+    """SIGTERM a monitor (rank 0 of `peers`, beside a stand-in rank) as horovodrun ends a failed job; what it
+    prints, and whether a peer then reads that its launcher ends it."""
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    status_server = socket.create_server(("127.0.0.1", 0))
+    monitor, port = start_monitor(rank.pid, 0, [card("h0", rank.pid, 0), *peers], status_server.getsockname()[1])
+    try:
+        deadline = time.monotonic() + 10
+        while probe("127.0.0.1", port)[0] != "ok" and time.monotonic() < deadline:  # serving: it has its peers
+            time.sleep(0.1)
+        monitor.send_signal(signal.SIGTERM)
+        while not (view := probe("127.0.0.1", port)[1]).get("terminated") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rank.kill()  # the launcher's SIGTERM or SIGKILL ends the rank too
+        rank.wait()
+        assert monitor.wait(15) == 0  # it ends a few seconds after its rank
+        return monitor.stderr.read().strip(), view["terminated"]
+    finally:
+        rank.kill()
+        monitor.kill()
+        status_server.close()
+
+
+def test_a_monitor_ended_by_the_launcher_names_the_ranks_gone_before():
+    """horovodrun SIGTERMs a failed job's processes on its host as soon as it sees a rank's ssh session end,
+    before the survivors' collectives fail and name the lost rank: the monitor names it then."""
+    line, terminated = sigterm_line([card("c2", 4242, closed_port())])
+    assert line == "error: rank 0: ended by the launcher; gone before: rank 1 has exited (host c2, pid 4242)"
+    assert terminated
+
+
+def test_a_monitor_ended_by_the_launcher_is_quiet_when_no_rank_was_lost_or_one_reported():
+    """A scheduler's cancel (every peer ended by its launcher too), or a peer that printed its own line."""
+    ended = serving({"state": "exited", "status": None, "silent_s": 0.0, "terminated": True, "reported": False})
+    reported = serving({"state": "exited", "status": None, "silent_s": 0.0, "terminated": False, "reported": True})
+    with ended, reported:
+        assert sigterm_line([card("c2", 7, ended.getsockname()[1])]) == ("", True)
+        assert sigterm_line([card("c2", 7, closed_port()), card("c3", 8, reported.getsockname()[1])]) == ("", True)
