@@ -20,6 +20,7 @@ and ends itself with its rank. A launcher that ends a job after one of its ranks
 the processes it started on its own host) can be quicker than the survivors' failed collective, which would
 have named the lost rank: the monitor, SIGTERMed with its rank, names the ranks already gone instead. Ports carry one JSON line out per connection; nothing is ever read from them.
 """
+import faulthandler
 import json
 import os
 import select
@@ -41,6 +42,7 @@ _COLLECTIVE_FILES = tuple(str(Path(horovod.__file__).parent / "torch" / name)
                     (str(Path(__file__).with_name("sync_bn.py")),)
 _PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's monitor, and again for its reply
 _EXIT_GRACE = 10.0  # seconds a rank that printed its error line may take to exit before its monitor ends it
+_STACKS_SIGNAL = signal.SIGUSR2  # asks a rank to print its threads' stacks (faulthandler)
 # Seconds a monitor keeps answering after its rank exited when its rank reported an error or its launcher
 # SIGTERMed it: peers ended by the same launcher read that, not "exited", and print no line of their own
 # (horovodrun SIGKILLs what is left 5 s after its SIGTERM).
@@ -150,6 +152,9 @@ class Watchdog:
 
     def __init__(self, limit):
         self._server = socket.create_server(("127.0.0.1", 0))  # for this rank's monitor only
+        # The monitor's request for every thread's Python stack before it ends a stalled rank: faulthandler
+        # writes them from the signal handler itself, so it works while the rank blocks holding Python's lock.
+        faulthandler.register(_STACKS_SIGNAL, all_threads=True)
         self._main = threading.main_thread().ident
         self._lock = threading.Lock()
         self._waiting, self._since = None, time.monotonic()  # the collective frame, and when it was first seen
@@ -331,6 +336,7 @@ class _Monitor:
             if stalled:
                 print(f"error: {stall_message(self.rank, self.peers, stalled)}", file=sys.stderr, flush=True)
                 self.reported_at = time.monotonic()
+                self._print_rank_stacks()
                 self._end_rank()
 
     def on_sigterm(self, *_):
@@ -358,6 +364,17 @@ class _Monitor:
             return (f"blocked {silent_s:.0f} s (stall_limit {self.limit:g} s) in native code holding Python's lock "
                     f"(a Horovod call waiting for another rank?)")
         return None
+
+    def _print_rank_stacks(self):
+        """Have the rank print where each of its threads is (after the error line: where it hangs, for a bug
+        report), then give it a second to write them."""
+        print(f"rank {self.rank}'s threads, from Python's faulthandler (most recent call first):", file=sys.stderr,
+              flush=True)
+        try:
+            self.rank_process.send_signal(_STACKS_SIGNAL)
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(1.0)
 
     def _end_rank(self):
         try:

@@ -41,6 +41,10 @@ def test_a_stopped_rank_ends_the_job_within_the_stall_limit_naming_it(shapes, tm
         assert line.endswith(f"holding it up: rank 1 is stopped: SIGSTOP, or a debugger "
                              f"(host {socket.gethostname()}, pid {rank1.pid})")
         assert took < END_WITHIN, f"the job ended {took:.0f} s after rank 1 stopped"
+        # Then rank 0's threads, as faulthandler prints them: its main thread in the trainer's loop.
+        stacks = out[out.index(line):]
+        assert "rank 0's threads, from Python's faulthandler" in stacks
+        assert "(most recent call first):" in stacks and 'hvd_megdet/train.py", line' in stacks
         assert job.left_after() == []
 
 
