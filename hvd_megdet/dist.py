@@ -4,6 +4,7 @@ A process started without horovodrun is rank 0 of a world of 1 (Horovod handles 
 trainer, evaluator and tests run the same code single-process and under `horovodrun -np N`.
 Every function here that communicates must be called by all ranks, in the same order.
 """
+import faulthandler
 import os
 
 import horovod.torch as hvd
@@ -31,6 +32,8 @@ def init(stall_limit=0, elastic=False, bn_group_size=0):
     every rank must call init at the same point. Elastic mode runs no collective outside its loop, and
     Horovod's elastic driver handles lost workers itself.
     """
+    # A crash in native code (Horovod, Gloo, torch) prints every thread's Python stack before the process dies.
+    faulthandler.enable(all_threads=True)
     world = int(os.environ.get("HOROVOD_SIZE", 0))  # 0: not known before init
     if elastic or (not world and bn_group_size > 1):
         hvd.init(process_sets="dynamic")

@@ -1,4 +1,7 @@
 """dist: Horovod's set-up on real ranks: which process sets CGBN groups get."""
+import subprocess
+import sys
+
 import pytest
 
 from tests.harness import run_ranks
@@ -36,3 +39,12 @@ def test_groups_within_the_world_get_static_process_sets():
     ranks = run_ranks(_init_rank, np=4, args=(2,), timeout=120)
     assert [r["ranks"] for r in ranks] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert all(not r["dynamic"] and r["static"] and r["total"] == 2.0 for r in ranks)
+
+
+def test_a_crash_in_native_code_prints_the_python_stacks():
+    """After dist.init a fatal signal (a segfault in Horovod, Gloo or torch) prints where each thread was."""
+    code = "import os, signal\nfrom hvd_megdet import dist\ndist.init()\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+    crashed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == -11
+    assert "Fatal Python error: Segmentation fault" in crashed.stderr
+    assert 'File "<string>", line 4 in <module>' in crashed.stderr
