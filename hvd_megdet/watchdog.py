@@ -161,9 +161,14 @@ class Watchdog:
         self.rank, self.peers = None, []
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        # The rank's signals, as Python's C-level handler writes them (signal.set_wakeup_fd, in start): the monitor
+        # learns of a SIGTERM at once, even while the rank's main thread is blocked in a collective.
+        signals_read, self._signals = os.pipe()
         self._monitor = subprocess.Popen(
             [sys.executable, "-m", "hvd_megdet.watchdog", str(os.getpid()), str(self._server.getsockname()[1]),
-             str(limit)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+             str(limit), str(signals_read)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+            pass_fds=(signals_read,))
+        os.close(signals_read)
         ready, _, _ = select.select([self._monitor.stdout], [], [], 60)
         port = self._monitor.stdout.readline() if ready else ""
         if not port.strip().isdigit():
@@ -183,6 +188,11 @@ class Watchdog:
         self._monitor.stdin.flush()
         _thread(_serve, self._server, self.status)
         _thread(self._sample)
+        # horovodrun SIGTERMs a failed job's ranks on its own host (not their children, the monitor among them)
+        # as soon as it sees a rank's process end, often before the survivors' collectives fail and name it.
+        os.set_blocking(self._signals, False)
+        signal.set_wakeup_fd(self._signals, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, _die_of_sigterm)
 
     def status(self):
         """This rank now: {"collective": where its main thread waits or None, "waiting_s", "where"}."""
@@ -217,6 +227,13 @@ class Watchdog:
         self._monitor.stdin.write("ending\n")  # no stall line from the monitor for a rank on its way out
         self._monitor.stdin.flush()
         return lost
+
+
+def _die_of_sigterm(signum, frame):
+    """SIGTERM's default action, once the main thread runs Python again: the handler is there so that Python's
+    C-level handler writes the signal to the monitor's pipe first."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _survey(rank, peers, timeout=_PROBE_TIMEOUT):
@@ -271,17 +288,20 @@ def stall_message(rank, peers, what):
 
 class _Monitor:
     """The monitor process of one rank (module docstring): `python -m hvd_megdet.watchdog PID STATUS_PORT
-    LIMIT`; prints its own port, then reads {"rank", "peers"} from stdin."""
+    LIMIT [SIGNALS_FD]`; prints its own port, then reads {"rank", "peers"} from stdin, and the rank's signals
+    (one byte each) from SIGNALS_FD."""
 
-    def __init__(self, pid, status_port, limit):
+    def __init__(self, pid, status_port, limit, signals_fd=None):
         self.rank_process, self.status_port, self.limit = psutil.Process(pid), status_port, limit
+        self.signals_fd = signals_fd
         self.view = {"state": "running", "status": None, "silent_s": 0.0}
         self._server = socket.create_server(("", 0))
         self.rank, self.peers = None, []
         self.ending_since = None  # when the rank said it is exiting after an error of its own
-        self.terminated_at = None  # when the launcher SIGTERMed us (with our rank)
+        self.terminated_at = None  # when the launcher SIGTERMed our rank (or us)
+        self.named_lost = False  # whether we have looked for the ranks gone before it
         self.reported_at = None  # when we printed a stall line
-        signal.signal(signal.SIGTERM, self.on_sigterm)
+        signal.signal(signal.SIGTERM, lambda *_: self._terminated())
         print(self._server.getsockname()[1], flush=True)
         job = json.loads(sys.stdin.readline() or "null")
         if job is None:  # the rank ended before it started us
@@ -293,6 +313,16 @@ class _Monitor:
         for line in sys.stdin:
             if line.strip() == "ending":
                 self.ending_since = time.monotonic()
+
+    def _read_signals(self):
+        """The rank's signals, one byte each, written by Python's C-level signal handler in the rank."""
+        while chunk := os.read(self.signals_fd, 64):
+            if signal.SIGTERM in chunk:
+                self._terminated()
+
+    def _terminated(self):
+        if self.terminated_at is None:
+            self.terminated_at = time.monotonic()
 
     def _rank_state(self):
         try:
@@ -309,12 +339,17 @@ class _Monitor:
                 lambda: {**self.view, "state": self._rank_state(), "terminated": self.terminated_at is not None,
                          "reported": self.reported_at is not None or self.ending_since is not None})
         _thread(self._read_rank)
+        if self.signals_fd is not None:
+            _thread(self._read_signals)
         output = select.poll()
         output.register(sys.stderr.fileno(), 0)  # no events asked: it reports POLLERR/POLLHUP only
         tick = min(1.0, self.limit / 10) if self.limit else 1.0
         silent_since = None
         while True:
             time.sleep(tick)
+            if self.terminated_at is not None and not self.named_lost:
+                self.named_lost = True
+                self._name_lost_ranks()
             state = self._rank_state()
             if state == "exited":
                 if time.monotonic() - max(self.terminated_at or 0, self.reported_at or 0, self.ending_since or 0) \
@@ -339,13 +374,10 @@ class _Monitor:
                 self._print_rank_stacks()
                 self._end_rank()
 
-    def on_sigterm(self, *_):
-        """The launcher ends our rank, and us with it: print one line naming the ranks that were gone already
-        (a lost host whose loss the launcher saw before the collectives failed), unless none is gone (a
-        scheduler's cancel) or a line was printed already, by our rank or another. The rank ends by the same
-        signal or the launcher's SIGKILL."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self.terminated_at = time.monotonic()
+    def _name_lost_ranks(self):
+        """The launcher ends our rank: print one line naming the ranks that were gone already (a lost host whose
+        loss the launcher saw before the collectives failed), unless none is gone (a scheduler's cancel) or a
+        line was printed already, by our rank or another."""
         if self.ending_since is not None:
             return
         found = _survey(self.rank, self.peers, timeout=2.0)
@@ -385,4 +417,5 @@ class _Monitor:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is for the rank, not for us
-    _Monitor(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])).run()
+    signals_fd = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    _Monitor(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), signals_fd).run()

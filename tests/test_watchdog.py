@@ -139,3 +139,21 @@ def test_a_monitor_ended_by_the_launcher_is_quiet_when_no_rank_was_lost_or_one_r
     with ended, reported:
         assert sigterm_line([card("c2", 7, ended.getsockname()[1])]) == ("", True)
         assert sigterm_line([card("c2", 7, closed_port()), card("c3", 8, reported.getsockname()[1])]) == ("", True)
+
+
+def test_a_rank_sigtermed_by_its_launcher_has_its_monitor_name_the_ranks_gone_before():
+    """horovodrun SIGTERMs the ranks on its own host, not their children: the rank's SIGTERM reaches its monitor
+    through Python's signal wakeup pipe (written by the C-level handler, so also while the rank's main thread is
+    blocked in a collective), and the rank still dies of the SIGTERM."""
+    lost = card("c2", 4242, closed_port())
+    code = ("import sys, time\nfrom hvd_megdet.watchdog import Watchdog\ndog = Watchdog(limit=0)\n"
+            f"dog.start(0, [dog.card(), {lost!r}])\nprint('started', flush=True)\ntime.sleep(60)\n")
+    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline() == "started\n"
+        rank.send_signal(signal.SIGTERM)
+        _, err = rank.communicate(timeout=30)  # until the monitor, which shares the rank's stderr, has ended too
+    finally:
+        rank.kill()
+    assert rank.returncode == -signal.SIGTERM
+    assert err.strip() == "error: rank 0: ended by the launcher; gone before: rank 1 has exited (host c2, pid 4242)"
