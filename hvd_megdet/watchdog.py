@@ -356,8 +356,10 @@ class _Monitor:
                         < _LINGER:
                     continue  # still telling peers that the launcher ends this rank, or that it reported
                 return
-            if output.poll(0):
-                return self._end_rank()  # nobody reads the rank's output: its launcher (ssh session) is gone
+            if output.poll(0):  # nobody reads the rank's output: its launcher (ssh session) is gone
+                self.terminated_at, self.named_lost = time.monotonic(), True  # peers read that, not "exited"
+                self._end_rank()
+                continue
             answer, status = probe("127.0.0.1", self.status_port, timeout=1.0) if state == "running" else (None, None)
             now = time.monotonic()
             silent_since = None if answer == "ok" or state != "running" else (silent_since or now)

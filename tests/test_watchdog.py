@@ -157,3 +157,20 @@ def test_a_rank_sigtermed_by_its_launcher_has_its_monitor_name_the_ranks_gone_be
         rank.kill()
     assert rank.returncode == -signal.SIGTERM
     assert err.strip() == "error: rank 0: ended by the launcher; gone before: rank 1 has exited (host c2, pid 4242)"
+
+
+def test_a_monitor_whose_rank_lost_its_launcher_ends_it_and_tells_peers_so():
+    """A remote rank's output goes to its ssh session; when horovodrun ends a job it kills that session, and
+    the rank's monitor ends the rank. Peers then read "ended by its launcher", not "exited" (a lost rank)."""
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    status_server = socket.create_server(("127.0.0.1", 0))
+    monitor, port = start_monitor(rank.pid, 2, [], status_server.getsockname()[1])
+    try:
+        monitor.stderr.close()  # the ssh session is gone
+        assert rank.wait(10) == -signal.SIGKILL
+        assert probe("127.0.0.1", port)[1]["terminated"]
+        assert monitor.wait(15) == 0
+    finally:
+        rank.kill()
+        monitor.kill()
+        status_server.close()
