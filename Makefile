@@ -25,7 +25,7 @@ DEMO_DATA_OVERRIDES = data.train.images=$(DEMO_DATA)/train data.val.images=$(DEM
 demo: install
 	@echo "== demo 1/3: generating the shapes dataset in $(DEMO_DATA) (600 + 100 images, about 10 s)"
 	$(PY) -m hvd_megdet.data.synthetic --out $(DEMO_DATA)
-	@echo "== demo 2/3: training 600 iterations with CGBN on $(NP) CPU ranks, then evaluating (about 7 min on 2 idle cores)"
+	@echo "== demo 2/3: training 600 iterations with CGBN on $(NP) CPU ranks, then evaluating (about 6 min on 2 idle cores)"
 	.venv/bin/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
 		$(PY) -m hvd_megdet.train --config configs/demo_shapes.yaml output_dir=$(DEMO_OUT) $(DEMO_DATA_OVERRIDES)
 	@echo "== demo 3/3: drawing the last checkpoint's predictions on 8 validation images, ground truth beside"
