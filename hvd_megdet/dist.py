@@ -6,6 +6,7 @@ Every function here that communicates must be called by all ranks, in the same o
 """
 import faulthandler
 import os
+import sys
 
 import horovod.torch as hvd
 import torch
@@ -32,8 +33,9 @@ def init(stall_limit=0, elastic=False, bn_group_size=0):
     every rank must call init at the same point. Elastic mode runs no collective outside its loop, and
     Horovod's elastic driver handles lost workers itself.
     """
-    # A crash in native code (Horovod, Gloo, torch) prints every thread's Python stack before the process dies.
-    faulthandler.enable(all_threads=True)
+    # A crash in native code (Horovod, Gloo, torch) prints every thread's Python stack before the process dies
+    # (to the process's own stderr: sys.stderr may be replaced by an object without a file descriptor).
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
     world = int(os.environ.get("HOROVOD_SIZE", 0))  # 0: not known before init
     if elastic or (not world and bn_group_size > 1):
         hvd.init(process_sets="dynamic")

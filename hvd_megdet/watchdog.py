@@ -154,7 +154,7 @@ class Watchdog:
         self._server = socket.create_server(("127.0.0.1", 0))  # for this rank's monitor only
         # The monitor's request for every thread's Python stack before it ends a stalled rank: faulthandler
         # writes them from the signal handler itself, so it works while the rank blocks holding Python's lock.
-        faulthandler.register(_STACKS_SIGNAL, all_threads=True)
+        faulthandler.register(_STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
         self._main = threading.main_thread().ident
         self._lock = threading.Lock()
         self._waiting, self._since = None, time.monotonic()  # the collective frame, and when it was first seen
