@@ -17,8 +17,9 @@ says: stopped (SIGSTOP, a debugger), exited, unreachable (host down, network), o
 collective (a deadlocked data loader, a hung filesystem: the line says where). A monitor also ends its rank
 when nobody reads the rank's output any more (the ssh session of a remote rank closed: its launcher is gone),
 and ends itself with its rank. A launcher that ends a job after one of its ranks failed (horovodrun SIGTERMs
-the processes it started on its own host) can be quicker than the survivors' failed collective, which would
-have named the lost rank: the monitor, SIGTERMed with its rank, names the ranks already gone instead. Ports carry one JSON line out per connection; nothing is ever read from them.
+the ranks it started on its own host) can be quicker than the survivors' failed collective, which would have
+named the lost rank: the rank passes its SIGTERM to the monitor (a signal wakeup pipe), which names the ranks
+already gone instead. Ports carry one JSON line out per connection; nothing is ever read from them.
 """
 import faulthandler
 import json
