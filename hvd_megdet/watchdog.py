@@ -4,8 +4,10 @@
     dog.start(rank, peers)             # peers: every rank's dog.card(), gathered (dist.init does both)
     dog.lost_peers()                   # after a collective failed: "rank 1 has exited (host c2, pid 77)"
 
-In each rank a thread samples the main thread's stack every second, and a status server answers where the main
-thread is: the collective it waits in and for how long, or the code it runs. Each rank also starts a monitor,
+In each rank a status server answers where the main thread is: the collective it waits in and for how long, or
+the code it runs. It reads the main thread's stack as faulthandler writes it, never through Python's frame
+objects: walking another thread's frames (sys._current_frames(), f_back) can crash Python 3.11 (CPython
+gh-111363; 4-rank runs of the ablation grid segfaulted in it). Each rank also starts a monitor,
 a small process of its own (`python -m hvd_megdet.watchdog`), which asks its rank every second. A process,
 because a rank blocked in a Horovod call can hold Python's lock: an enqueue waits for Horovod's background
 thread, which with dynamic process sets holds a lock while it waits for a peer, so no thread of the rank runs.
@@ -27,8 +29,10 @@ import os
 import select
 import signal
 import socket
+import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,35 +85,45 @@ def _short(path):
     return "/".join(parts[package:])
 
 
-def _frames(frame):
-    """The frames of a stack, innermost first."""
-    while frame is not None:
-        yield frame
-        frame = frame.f_back
+_FRAME = re.compile(r'  File "(.*)", line (\S+) in (.*)')
 
 
-def _collective_frame(frame):
-    """The outermost frame of the stack that is inside a collective (None when it waits in none)."""
-    inside = [f for f in _frames(frame) if f.f_code.co_filename in _COLLECTIVE_FILES]
+def _stack_of(dump, ident):
+    """The stack of thread `ident` in faulthandler's text `dump` of all threads, as [(file, line, function)],
+    innermost first ([] when the thread is not in it)."""
+    stack, inside = [], False
+    for line in dump.splitlines():
+        header = re.match(r"(?:Current thread|Thread) (0x[0-9a-f]+) ", line)
+        if header:
+            if inside:
+                break
+            inside = int(header.group(1), 16) == ident
+        elif inside and (frame := _FRAME.match(line)):
+            stack.append(frame.groups())
+    return stack
+
+
+def _collective_index(stack):
+    """The index in `stack` of its outermost frame inside a collective (None when it waits in none)."""
+    inside = [i for i, (path, _, _) in enumerate(stack) if path in _COLLECTIVE_FILES]
     return inside[-1] if inside else None
 
 
 def _site(frame):
-    return f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
+    path, line, function = frame
+    return f"{_short(path)}:{line} {function}"
 
 
-def _where(frame):
+def _where(stack):
     """Where a stack runs: its two innermost frames of this package (innermost first; dist.py's wrappers of
     collectives skipped), and its innermost frame when that is in other code, e.g. "hvd_megdet/engine.py:54
     next_batch < hvd_megdet/train.py:210 run (in torch/utils/data/dataloader.py:1133 _try_get_data)"."""
-    frames = list(_frames(frame))
-    if not frames:
+    if not stack:
         return "outside Python code"
-    ours = [f for f in frames if "hvd_megdet" in Path(f.f_code.co_filename).parts
-            and Path(f.f_code.co_filename).name != "dist.py"][:2]
+    ours = [f for f in stack if "hvd_megdet" in Path(f[0]).parts and Path(f[0]).name != "dist.py"][:2]
     where = " < ".join(map(_site, ours))
-    if not ours or ours[0] is not frames[0]:
-        where += f" (in {_site(frames[0])})" if ours else _site(frames[0])
+    if not ours or ours[0] is not stack[0]:
+        where += f" (in {_site(stack[0])})" if ours else _site(stack[0])
     return where
 
 
@@ -148,7 +162,7 @@ def _thread(target, *args):
 
 
 class Watchdog:
-    """This rank's side: the status server, the sampling thread, and the monitor process (module docstring).
+    """This rank's side: the status server and the monitor process (module docstring).
     `limit`: seconds one collective may wait before the job is ended (0 = never; lost peers are still named)."""
 
     def __init__(self, limit):
@@ -157,8 +171,9 @@ class Watchdog:
         # writes them from the signal handler itself, so it works while the rank blocks holding Python's lock.
         faulthandler.register(_STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
         self._main = threading.main_thread().ident
+        self._stacks = tempfile.TemporaryFile()  # faulthandler's dumps of the threads' stacks, one at a time
         self._lock = threading.Lock()
-        self._waiting, self._since = None, time.monotonic()  # the collective frame, and when it was first seen
+        self._waiting, self._since = None, time.monotonic()  # the wait seen last (see status), and since when
         self.rank, self.peers = None, []
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
@@ -188,32 +203,38 @@ class Watchdog:
         self._monitor.stdin.write(json.dumps({"rank": rank, "peers": peers}) + "\n")
         self._monitor.stdin.flush()
         _thread(_serve, self._server, self.status)
-        _thread(self._sample)
         # horovodrun SIGTERMs a failed job's ranks on its own host (not their children, the monitor among them)
         # as soon as it sees a rank's process end, often before the survivors' collectives fail and name it.
         os.set_blocking(self._signals, False)
         signal.set_wakeup_fd(self._signals, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, _die_of_sigterm)
 
+    def _main_stack(self):
+        """The main thread's stack, [(file, line, function)] innermost first. faulthandler writes it from C
+        while this thread holds Python's lock, so the main thread's frames cannot change under it, and no
+        Python object of that thread is touched (module docstring)."""
+        fd = self._stacks.fileno()
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        faulthandler.dump_traceback(fd, all_threads=True)
+        return _stack_of(os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace"), self._main)
+
     def status(self):
         """This rank now: {"collective": where its main thread waits or None, "waiting_s", "where"}."""
-        frame = sys._current_frames().get(self._main)
-        with self._lock:
-            waiting, since = self._waiting, self._since
-        collective = _collective_frame(frame)
-        status = {"collective": None, "waiting_s": None, "where": _where(frame)}
-        if collective is not None:
-            status["collective"] = f"{collective.f_code.co_name} from {_where(collective.f_back)}"
-            status["waiting_s"] = round(time.monotonic() - since, 1) if collective is waiting else 0.0
+        from horovod.torch import mpi_ops  # loaded in the rank already; the monitor process must not load torch
+        with self._lock:  # one dump at a time: the monitor and peers' surveys ask from the server's thread
+            stack = self._main_stack()
+            collective = _collective_index(stack)
+            # One wait: the same call site, and no collective started since (Horovod numbers every collective
+            # it starts, and keeps the pending ones in _handle_map, the torch ops' table of handles).
+            wait = None if collective is None else (stack[collective:], max(mpi_ops._handle_map, default=None))
+            if wait != self._waiting:
+                self._waiting, self._since = wait, time.monotonic()
+            status = {"collective": None, "waiting_s": None, "where": _where(stack)}
+            if wait is not None:
+                status["collective"] = f"{stack[collective][2]} from {_where(stack[collective + 1:])}"
+                status["waiting_s"] = round(time.monotonic() - self._since, 1)
         return status
-
-    def _sample(self):
-        while True:
-            time.sleep(0.5)
-            collective = _collective_frame(sys._current_frames().get(self._main))
-            with self._lock:
-                if collective is not self._waiting:  # the frame object is kept, so its identity is unique
-                    self._waiting, self._since = collective, time.monotonic()
 
     def lost_peers(self):
         """The ranks that exited, are stopped, unreachable or do not answer, e.g. "rank 1 has exited (host c2,

@@ -11,6 +11,9 @@ import sys
 import threading
 import time
 
+import pytest
+from horovod.torch import mpi_ops
+
 from hvd_megdet import watchdog
 from hvd_megdet.watchdog import Watchdog, probe
 
@@ -35,8 +38,11 @@ def test_a_probe_that_cannot_connect_calls_the_peer_unreachable(monkeypatch):
 
 
 def test_status_names_the_collective_a_thread_waits_in_and_where_it_was_called(monkeypatch):
-    """A function in one of the collectives' files counts as a collective (here: this test file, declared one)."""
+    """A function in one of the collectives' files counts as a collective (here: this test file, declared one).
+    The stack is read as faulthandler writes it: walking another thread's Python frames can crash Python 3.11."""
     monkeypatch.setattr(watchdog, "_COLLECTIVE_FILES", (__file__,))
+    monkeypatch.setattr(sys, "_current_frames", lambda: pytest.fail("read another thread's frames from Python"))
+    monkeypatch.setattr(mpi_ops, "_handle_map", {})
     entered, release = threading.Event(), threading.Event()
 
     def allreduce_like():
@@ -48,10 +54,17 @@ def test_status_names_the_collective_a_thread_waits_in_and_where_it_was_called(m
     entered.wait(10)
     dog = Watchdog(limit=0)
     dog._main = waiting.ident  # watch that thread as if it were the main one
-    status = dog.status()
+    first = dog.status()
+    time.sleep(0.3)
+    same_wait = dog.status()
+    mpi_ops._handle_map[7] = None  # Horovod started a collective: a wait from the same place is a new one
+    new_wait = dog.status()
     release.set()
     waiting.join()
-    assert status["collective"].startswith("allreduce_like from ") and status["waiting_s"] == 0.0
+    assert first["collective"].startswith("allreduce_like from ") and first["collective"].endswith(" run")
+    assert first["waiting_s"] == 0.0 and same_wait["waiting_s"] >= 0.3 and new_wait["waiting_s"] == 0.0
+    outside = dog.status()  # the thread is gone: no stack
+    assert outside["collective"] is None and outside["where"] == "outside Python code"
 
 
 def start_monitor(rank_pid, rank, peers, status_port):
