@@ -355,3 +355,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    dist.exit_skipping_native_teardown()
