@@ -321,7 +321,7 @@ class _Monitor:
         self.rank, self.peers = None, []
         self.ending_since = None  # when the rank said it is exiting after an error of its own
         self.terminated_at = None  # when the launcher SIGTERMed our rank (or us)
-        self.named_lost = False  # whether we have looked for the ranks gone before it
+        self._terminating = threading.Lock()
         self.reported_at = None  # when we printed a stall line
         signal.signal(signal.SIGTERM, lambda *_: self._terminated())
         print(self._server.getsockname()[1], flush=True)
@@ -343,8 +343,12 @@ class _Monitor:
                 self._terminated()
 
     def _terminated(self):
-        if self.terminated_at is None:
-            self.terminated_at = time.monotonic()
+        # The survey starts at once: the launcher SIGKILLs what is left 5 s after its SIGTERM (horovodrun), and a
+        # lost host's probe alone may take 2 s.
+        with self._terminating:  # the SIGTERM of the rank (its pipe) and ours (the handler) come together
+            if self.terminated_at is None:
+                self.terminated_at = time.monotonic()
+                _thread(self._name_lost_ranks)
 
     def _rank_state(self):
         try:
@@ -369,9 +373,6 @@ class _Monitor:
         silent_since = None
         while True:
             time.sleep(tick)
-            if self.terminated_at is not None and not self.named_lost:
-                self.named_lost = True
-                self._name_lost_ranks()
             state = self._rank_state()
             if state == "exited":
                 if time.monotonic() - max(self.terminated_at or 0, self.reported_at or 0, self.ending_since or 0) \
@@ -379,7 +380,7 @@ class _Monitor:
                     continue  # still telling peers that the launcher ends this rank, or that it reported
                 return
             if output.poll(0):  # nobody reads the rank's output: its launcher (ssh session) is gone
-                self.terminated_at, self.named_lost = time.monotonic(), True  # peers read that, not "exited"
+                self.terminated_at = time.monotonic()  # peers read that, not "exited"; nothing for us to name
                 self._end_rank()
                 continue
             answer, status = probe("127.0.0.1", self.status_port, timeout=1.0) if state == "running" else (None, None)
