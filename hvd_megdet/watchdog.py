@@ -5,11 +5,10 @@
     dog.lost_peers()                   # after a collective failed: "rank 1 has exited (host c2, pid 77)"
 
 In each rank a status server answers where the main thread is: the collective it waits in and for how long, or
-the code it runs. It reads the main thread's stack as faulthandler writes it, never through Python's frame
-objects: walking another thread's frames (sys._current_frames(), f_back) can crash Python 3.11 (CPython
-gh-111363; 4-rank runs of the ablation grid segfaulted in it). Each rank also starts a monitor,
-a small process of its own (`python -m hvd_megdet.watchdog`), which asks its rank every second. A process,
-because a rank blocked in a Horovod call can hold Python's lock: an enqueue waits for Horovod's background
+the code it runs. The main thread writes its own stack when asked (a signal that faulthandler handles in C):
+reading it from another thread can crash Python 3.11 (4-rank runs of the ablation grid segfaulted so). Each
+rank also starts a monitor, a small process of its own (`python -m hvd_megdet.watchdog`), which asks its rank
+every second. A process, because a rank blocked in a Horovod call can hold Python's lock: an enqueue waits for Horovod's background
 thread, which with dynamic process sets holds a lock while it waits for a peer, so no thread of the rank runs.
 
 The monitor ends its rank (SIGKILL) after printing one line `error: rank R: stalled ...` when the rank has
@@ -48,6 +47,9 @@ _COLLECTIVE_FILES = tuple(str(Path(horovod.__file__).parent / "torch" / name)
 _PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's monitor, and again for its reply
 _EXIT_GRACE = 10.0  # seconds a rank that printed its error line may take to exit before its monitor ends it
 _STACKS_SIGNAL = signal.SIGUSR2  # asks a rank to print its threads' stacks (faulthandler)
+# Has the main thread write its own stack for the status server (faulthandler). A real-time signal: SIGUSR1 is
+# the user's (Slurm's --signal, for one).
+_WHERE_SIGNAL = signal.SIGRTMIN + 5
 # Seconds a monitor keeps answering after its rank exited when its rank reported an error or its launcher
 # SIGTERMed it: peers ended by the same launcher read that, not "exited", and print no line of their own
 # (horovodrun SIGKILLs what is left 5 s after its SIGTERM).
@@ -88,19 +90,9 @@ def _short(path):
 _FRAME = re.compile(r'  File "(.*)", line (\S+) in (.*)')
 
 
-def _stack_of(dump, ident):
-    """The stack of thread `ident` in faulthandler's text `dump` of all threads, as [(file, line, function)],
-    innermost first ([] when the thread is not in it)."""
-    stack, inside = [], False
-    for line in dump.splitlines():
-        header = re.match(r"(?:Current thread|Thread) (0x[0-9a-f]+) ", line)
-        if header:
-            if inside:
-                break
-            inside = int(header.group(1), 16) == ident
-        elif inside and (frame := _FRAME.match(line)):
-            stack.append(frame.groups())
-    return stack
+def _parse_stack(dump):
+    """faulthandler's dump of one thread's stack as [(file, line, function)], innermost first."""
+    return [frame.groups() for line in dump.splitlines() if (frame := _FRAME.match(line))]
 
 
 def _collective_index(stack):
@@ -171,7 +163,8 @@ class Watchdog:
         # writes them from the signal handler itself, so it works while the rank blocks holding Python's lock.
         faulthandler.register(_STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
         self._main = threading.main_thread().ident
-        self._stacks = tempfile.TemporaryFile()  # faulthandler's dumps of the threads' stacks, one at a time
+        self._stack_file = tempfile.TemporaryFile()  # where the main thread writes its stack (_main_stack)
+        faulthandler.register(_WHERE_SIGNAL, file=self._stack_file, all_threads=False)
         self._lock = threading.Lock()
         self._waiting, self._since = None, time.monotonic()  # the wait seen last (see status), and since when
         self.rank, self.peers = None, []
@@ -210,14 +203,22 @@ class Watchdog:
         signal.signal(signal.SIGTERM, _die_of_sigterm)
 
     def _main_stack(self):
-        """The main thread's stack, [(file, line, function)] innermost first. faulthandler writes it from C
-        while this thread holds Python's lock, so the main thread's frames cannot change under it, and no
-        Python object of that thread is touched (module docstring)."""
-        fd = self._stacks.fileno()
+        """The main thread's stack, [(file, line, function)] innermost first, as the main thread itself writes
+        it: faulthandler's handler of _WHERE_SIGNAL, in C, so also while it is blocked in native code. No other
+        thread reads its frames: that can crash Python 3.11, through Python's frame objects (CPython gh-111363)
+        or through faulthandler's dump of all threads (a thread state that Horovod's thread is creating)."""
+        fd = self._stack_file.fileno()
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        faulthandler.dump_traceback(fd, all_threads=True)
-        return _stack_of(os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace"), self._main)
+        signal.pthread_kill(self._main, _WHERE_SIGNAL)
+        dump, deadline = b"", time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # written once the main thread is scheduled: a few ms
+            time.sleep(0.01)
+            written = os.pread(fd, os.fstat(fd).st_size, 0)
+            if written and written == dump and written.endswith(b"\n"):
+                break
+            dump = written
+        return _parse_stack(dump.decode(errors="replace"))
 
     def status(self):
         """This rank now: {"collective": where its main thread waits or None, "waiting_s", "where"}."""
