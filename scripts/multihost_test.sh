@@ -64,10 +64,14 @@ start_host() {  # start_host NAME: the container for host NAME, running hvd-sshd
     local i=${1#c}
     # The alias makes the host name resolvable by the other containers (podman's DNS knows container names).
     # Port 22 for the user hvd: unprivileged ports start at 22 in this container's network namespace only.
-    podman run -d --name "$PREFIX-$1" --hostname "$1" --network-alias "$1" --network "$PREFIX-a" --network "$PREFIX-b" \
+    # The second network is connected after the start: given both at once, podman names the interfaces in no
+    # fixed order (eth0 on network a in one container, on b in another), and horovodrun needs one interface
+    # name that every host routes (with none it exited 1, its message lost: Horovod prints, then os._exit).
+    podman run -d --name "$PREFIX-$1" --hostname "$1" --network-alias "$1" --network "$PREFIX-a" \
         --sysctl net.ipv4.ip_unprivileged_port_start=22 --cpuset-cpus $(((i - 1) % ncpu)) \
         -v "$TMP/ssh:/home/hvd/.ssh" -v "$TMP/data:/data" -v "$TMP/share:/workspace/output" \
         "$IMAGE" hvd-sshd 22 >/dev/null
+    podman network connect --alias "$1" "$PREFIX-b" "$PREFIX-$1"
 }
 for h in "${HOSTS[@]}"; do start_host "$h"; done
 on() { local h=$1; shift; podman exec "$PREFIX-$h" "$@"; }  # on HOST COMMAND...: run it in that container
@@ -103,6 +107,7 @@ wait_iteration() {  # wait_iteration OUTPUT N: until rank 0 has recorded iterati
     local deadline=$((SECONDS + RUN_TIMEOUT))
     until [ -f "$TMP/share/$1/metrics.jsonl" ] && [ "$(wc -l <"$TMP/share/$1/metrics.jsonl")" -ge "$2" ]; do
         [ $SECONDS -lt $deadline ] || die "$1: no iteration $2 within $RUN_TIMEOUT s"
+        kill -0 "$job" 2>/dev/null || { tail -30 "$TMP/$1.log" >&2; die "$1: horovodrun ended before iteration $2 (log above)"; }
         sleep 0.5
     done
 }
