@@ -8,8 +8,9 @@ In each rank a status server answers where the main thread is: the collective it
 the code it runs. The main thread writes its own stack when asked (a signal that faulthandler handles in C):
 reading it from another thread can crash Python 3.11 (4-rank runs of the ablation grid segfaulted so). Each
 rank also starts a monitor, a small process of its own (`python -m hvd_megdet.watchdog`), which asks its rank
-every second. A process, because a rank blocked in a Horovod call can hold Python's lock: an enqueue waits for Horovod's background
-thread, which with dynamic process sets holds a lock while it waits for a peer, so no thread of the rank runs.
+every second. A process, because a rank blocked in a Horovod call can hold Python's lock: an enqueue waits for
+Horovod's background thread, which with dynamic process sets holds a lock while it waits for a peer, so no
+thread of the rank runs.
 
 The monitor ends its rank (SIGKILL) after printing one line `error: rank R: stalled ...` when the rank has
 waited `limit` seconds in one collective, or has not answered for `limit` seconds while running; the launcher
@@ -25,10 +26,10 @@ already gone instead. Ports carry one JSON line out per connection; nothing is e
 import faulthandler
 import json
 import os
+import re
 import select
 import signal
 import socket
-import re
 import subprocess
 import sys
 import tempfile
@@ -322,7 +323,7 @@ class _Monitor:
         self.rank, self.peers = None, []
         self.ending_since = None  # when the rank said it is exiting after an error of its own
         self.terminated_at = None  # when the launcher SIGTERMed our rank (or us)
-        self._terminating = threading.Lock()
+        self._terminating = threading.RLock()  # reentrant: a second SIGTERM may interrupt the handler
         self.reported_at = None  # when we printed a stall line
         signal.signal(signal.SIGTERM, lambda *_: self._terminated())
         print(self._server.getsockname()[1], flush=True)
