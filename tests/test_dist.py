@@ -48,3 +48,16 @@ def test_a_crash_in_native_code_prints_the_python_stacks():
     assert crashed.returncode == -11
     assert "Fatal Python error: Segmentation fault" in crashed.stderr
     assert 'File "<string>", line 4 in <module>' in crashed.stderr
+
+
+def test_the_exit_after_a_finished_job_runs_the_exit_handlers_and_keeps_the_output(tmp_path):
+    """dist.exit_skipping_native_teardown skips only what comes after Python's exit handlers: non-daemon threads
+    are waited for, atexit handlers run (Horovod's shutdown among them), buffered output is written."""
+    done = tmp_path / "done"
+    code = ("import atexit, sys, threading, time\nfrom hvd_megdet import dist\ndist.init()\n"
+            f"atexit.register(lambda: open({str(done)!r}, 'w').write('atexit'))\n"
+            "threading.Thread(target=lambda: (time.sleep(0.5), print('thread', end=' '))).start()\n"
+            "print('buffered', end=' ')\nsys.stderr.write('err')\ndist.exit_skipping_native_teardown()\n")
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (ended.returncode, ended.stdout, ended.stderr) == (0, "buffered thread ", "err")
+    assert done.read_text() == "atexit"
