@@ -89,6 +89,16 @@ def _rank_main(rundir):
         sys.stdout.flush()
         sys.stderr.write(outcome[1])
         os._exit(code)  # skip Horovod's atexit shutdown: it could wait on ranks that are blocked
+    _wait_for_every_rank()
+
+
+def _wait_for_every_rank():
+    """Horovod's shutdown at exit is job-wide: a rank that finished first (its process set's collectives
+    done) would end the collectives that other ranks have yet to finish ("Horovod has been shut down")."""
+    import horovod.torch as hvd
+    if hvd.is_initialized():
+        # Horovod: every rank has returned before any rank shuts Horovod down.
+        hvd.barrier()
 
 
 if __name__ == "__main__":

@@ -35,10 +35,27 @@ def _rank_1_never_joins():
     hvd.allreduce(torch.ones(1), name="never_completes")
 
 
+def _group_finishes_first():
+    """Ranks 2 and 3 sum over their own process set at once; ranks 0 and 1 do the same a second later."""
+    import horovod.torch as hvd
+    import torch
+    groups = [hvd.ProcessSet([0, 1]), hvd.ProcessSet([2, 3])]
+    hvd.init(process_sets=groups)
+    if hvd.rank() < 2:
+        time.sleep(1.0)
+    return hvd.allreduce(torch.ones(1), op=hvd.Sum, name="group_sum", process_set=groups[hvd.rank() // 2]).item()
+
+
 def test_ranks_agree_on_allreduce():
     results = run_ranks(_allreduce_rank, np=2, timeout=60)
     assert [r[:2] for r in results] == [(0, 2), (1, 2)]
     assert [r[2] for r in results] == [3.0, 3.0]
+
+
+def test_ranks_that_finish_first_wait_for_the_others():
+    """Horovod's shutdown is job-wide: a rank that returned and exited would end the collectives that other
+    ranks have yet to finish ("Horovod has been shut down"), so finished ranks wait for the rest."""
+    assert run_ranks(_group_finishes_first, np=4, timeout=120) == [2.0] * 4
 
 
 def test_failing_rank_fails_the_test_with_its_traceback():
