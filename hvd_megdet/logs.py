@@ -70,11 +70,8 @@ class MetricsWriter:
     with the losses, the lr, images/s, the time left and, on CUDA, the peak GPU memory."""
 
     def __init__(self, output_dir, start_iter, max_iter, log_period):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.metrics = None
-        self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
+        self.metrics = self.tb = None
         self.max_iter, self.log_period = max_iter, log_period
         self.recent = collections.deque(maxlen=20)  # seconds per iteration, for the time left
         self.bar = tqdm(total=max_iter, initial=start_iter, dynamic_ncols=True, disable=not sys.stderr.isatty())
@@ -82,12 +79,17 @@ class MetricsWriter:
 
     def rewind(self, iteration):
         """Continue after `iteration`: metrics.jsonl keeps the records up to it (a resumed or rolled-back run
-        writes the later ones again; a killed run may have left a partial last line)."""
+        writes the later ones again; a killed run may have left a partial last line), and TensorBoard drops
+        its events of later steps (purge_step), so no curve shows an iteration twice."""
+        from torch.utils.tensorboard import SummaryWriter
+
         if self.metrics is not None:
             self.metrics.close()
+            self.tb.close()
         kept = _kept_records(self.path, iteration)
         write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
         self.metrics = open(self.path, "a")
+        self.tb = SummaryWriter(str(self.path.with_name("tb")), purge_step=iteration + 1)
         self.bar.n = iteration
 
     def write(self, record, images_per_iteration):
