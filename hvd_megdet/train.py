@@ -194,13 +194,16 @@ class Trainer:
     def prepare_bn_statistics(self, iteration):
         """Make the BatchNorm running statistics one model's before it is evaluated or saved: with PreciseBN
         (test.precise_bn_iters > 0) their true average over that many training batches per rank (the ones
-        the next iterations will use), else the training EMAs; either way averaged over the ranks."""
+        the next iterations will use), else the training EMAs; either way averaged over the ranks. PreciseBN
+        leaves the random number generators as it found them: its loader and train-mode forward passes draw
+        from them (the RPN's and RoI heads' samplers), and the run must go on as it would without it."""
         if self.cfg.test.precise_bn_iters > 0:
-            solver = self.cfg.solver
+            solver, rngs = self.cfg.solver, checkpoint.rng_state()
             # Horovod: each rank its own shard, as in training.
             batches = iter(build_train_loader(self.train_set, solver.ims_per_gpu, dist.rank(), dist.size(),
                                               self.cfg.seed, 0, start_iter=iteration * solver.backward_passes_per_step))
             precise_bn(self.model, batches, self.cfg.test.precise_bn_iters, self.cfg.amp)
+            checkpoint.set_rng_state(rngs)
         else:
             average_running_stats(self.model)
 

@@ -86,6 +86,30 @@ def test_horovodrun_command_line_and_evaluate(shapes, tmp_path):
     assert json.loads((eval_out / "eval" / "latest.json").read_text())["iteration"] == 3
 
 
+def _train_twice_and_compare(argv, precise_bn_iters):
+    """Train per `argv` without and with PreciseBN; the largest parameter difference, and whether the buffers
+    differ (PreciseBN is meant to change the running statistics, and only them)."""
+    from hvd_megdet.config import load_config
+    from hvd_megdet.train import train
+    models = [train(load_config(REPO / "configs" / "demo_shapes.yaml",
+                                [*argv[n], f"test.precise_bn_iters={iters}"]))[0]
+              for n, iters in enumerate((0, precise_bn_iters))]
+    params = [dict(m.named_parameters()) for m in models]
+    largest = max((params[0][k] - params[1][k]).abs().max().item() for k in params[0])
+    buffers = [dict(m.named_buffers()) for m in models]
+    return largest, any(not buffers[0][k].equal(buffers[1][k]) for k in buffers[0] if "running" in k)
+
+
+def test_precise_bn_leaves_the_training_run_as_it_was(shapes, tmp_path):
+    """PreciseBN's forward passes before a checkpoint draw from the random number generators (the RPN's and
+    RoI heads' samplers): the run after them must still be the run without PreciseBN, parameter for parameter."""
+    argv = [overrides(shapes, tmp_path / name, **{"data.val.annotations": "", "input.min_size": "[96]",
+                                                   "input.max_size": 128})
+            for name in ("ema", "precise")]
+    ranks = run_ranks(_train_twice_and_compare, np=2, args=(argv, 2), timeout=300)
+    assert ranks[0] == ranks[1] == (0.0, True)
+
+
 def _detections(path):
     """{image_id: [(category, score, box), ...] sorted by score} of a COCO results file."""
     by_image = {}
