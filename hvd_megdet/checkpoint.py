@@ -101,6 +101,9 @@ def latest(output_dir, log=print):
 def restore(model, optimizer, state, path):
     """Load a training checkpoint's "model" (strictly) and "optimizer" entries into `model` and `optimizer`.
 
+    The optimizer takes the checkpoint's state (momentum buffers) but keeps its own hyperparameters (weight
+    decay, momentum, ...: the config's, which a resumed run may have changed); returns the ones that differ,
+    e.g. ["param group 0 weight_decay 0.0001, was 0.0005"] (the lr, set every iteration, is left out).
     Raises CheckpointError naming the file when it is not a training checkpoint, or when it does not fit the
     model (another architecture or config: the message lists the missing, unexpected and differently
     shaped keys, five of each) or the optimizer.
@@ -113,10 +116,17 @@ def restore(model, optimizer, state, path):
         raise CheckpointError(f"checkpoint {path}: does not fit the model (another architecture or config?): "
                               + problems)
     model.load_state_dict(state["model"])
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {e}") from None
+    changed = []
+    for i, (group, settings) in enumerate(zip(optimizer.param_groups, configured)):
+        changed += [f"param group {i} {k} {v}, was {group.get(k)}" for k, v in settings.items()
+                    if k != "lr" and group.get(k) != v]
+        group.update(settings)
+    return changed
 
 
 def _is_counter(key):

@@ -78,3 +78,21 @@ def test_killed_writer_leaves_a_loadable_checkpoint(tmp_path):
         w = loaded["model"]["w"]
         assert w.numel() == 2_000_000 and bool((w == w[0]).all())
         assert float(w[0]) == loaded["iteration"]
+
+
+def test_a_resumed_optimizer_keeps_the_configs_settings_and_says_which_changed():
+    """The checkpoint brings the momentum buffers; weight decay and momentum stay what the config says now."""
+    model = torch.nn.Linear(2, 1)
+    groups = lambda wd: [{"params": [model.weight], "weight_decay": wd}, {"params": [model.bias], "weight_decay": 0.0}]
+    before = torch.optim.SGD(groups(5e-4), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    before.step()
+    saved = {"model": model.state_dict(), "optimizer": before.state_dict(), "iteration": 1}
+    now = torch.optim.SGD(groups(1e-4), lr=0.02, momentum=0.8)
+    changed = checkpoint.restore(model, now, saved, "model_0000001.pth")
+    assert changed == ["param group 0 weight_decay 0.0001, was 0.0005", "param group 0 momentum 0.8, was 0.9",
+                       "param group 1 momentum 0.8, was 0.9"]
+    assert [(g["weight_decay"], g["momentum"], g["lr"]) for g in now.param_groups] == [(1e-4, 0.8, 0.02),
+                                                                                       (0.0, 0.8, 0.02)]
+    assert torch.equal(now.state[model.weight]["momentum_buffer"], before.state[model.weight]["momentum_buffer"])
+    assert checkpoint.restore(model, now, {**saved, "optimizer": now.state_dict()}, "model_0000001.pth") == []
