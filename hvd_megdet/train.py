@@ -16,7 +16,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import horovod.torch as hvd
@@ -69,20 +69,25 @@ def bn_process_set(bn_group_size, elastic):
 def restore_latest(out, model, optimizer):
     """Load the newest loadable checkpoint under `out` into model and optimizer.
 
-    Returns (iteration, per-rank RNG states or None, loss scaler state or None, error message or None): the
-    error (a checkpoint that does not fit) is returned rather than raised, so that the caller raises it on
-    every rank.
+    Returns (what the run resumes from, error message or None). The first is {"iteration", "skipped",
+    "overflows" (the counters), "rng" (per-rank RNG states or None), "scaler" (the loss scaler's state or
+    None)}; the error (a checkpoint that does not fit) is returned rather than raised, so that the caller
+    raises it on every rank. The optimizer keeps the config's hyperparameters (weight decay, momentum...),
+    and the log says which ones differ from the checkpoint's.
     """
     path, state = checkpoint.latest(out, log)
     if state is None:
         log(f"--resume: no checkpoint under {checkpoint.checkpoint_dir(out)}; starting at iteration 0")
-        return 0, None, None, None
+        return asdict(Progress()) | {"rng": None, "scaler": None}, None
     try:
-        checkpoint.restore(model, optimizer, state, path)
+        changed = checkpoint.restore(model, optimizer, state, path)
     except checkpoint.CheckpointError as e:
-        return 0, None, None, str(e)
+        return None, str(e)
     log(f"resumed from {path} at iteration {state['iteration']}")
-    return int(state["iteration"]), state.get("rng"), state.get("scaler"), None
+    if changed:
+        log("the config's optimizer settings replace the checkpoint's: " + "; ".join(changed))
+    return {"iteration": int(state["iteration"]), "skipped": int(state.get("skipped", 0)),
+            "overflows": int(state.get("overflows", 0)), "rng": state.get("rng"), "scaler": state.get("scaler")}, None
 
 
 def distributed_optimizer(model, solver, name_prefix=""):
@@ -172,7 +177,7 @@ class Trainer:
             if save or score:
                 self.prepare_bn_statistics(done)
             if save:
-                self.checkpoint(done)
+                self.checkpoint(done, progress)
             if score:
                 metrics = self.evaluate(done)
             progress.iteration = done
@@ -207,8 +212,9 @@ class Trainer:
         else:
             average_running_stats(self.model)
 
-    def checkpoint(self, iteration):
-        """Checkpoint `iteration` (rank 0 writes), unless some rank's weights are not finite: then raise."""
+    def checkpoint(self, iteration, progress):
+        """Checkpoint `iteration` with the counters of `progress` (rank 0 writes), unless some rank's weights
+        are not finite: then raise."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         nonfinite = checkpoint.first_nonfinite(state)
         # Horovod: every rank's RNG state goes into the checkpoint, so a resumed run repeats this one exactly;
@@ -220,7 +226,8 @@ class Trainer:
                                      f"checkpoint not written")
         if dist.is_main():
             extra = {"scaler": self.scaler.state_dict()} if self.scaler else {}
-            checkpoint.save({**state, "iteration": iteration, "config": to_dict(self.cfg), **extra,
+            checkpoint.save({**state, "iteration": iteration, "skipped": progress.skipped,
+                             "overflows": progress.overflows, "config": to_dict(self.cfg), **extra,
                              "categories": self.train_set.categories, "rng": [rng for rng, _ in gathered]},
                             checkpoint.path_for(self.out, iteration))
 
@@ -295,18 +302,20 @@ def train(cfg, resume=False, elastic=False):
     init_optimizer_state(optimizer)
     scaler = grad_scaler(device, cfg.amp)
 
-    start_iter = 0
+    progress = Progress()
     if resume:
         # Elastic: every rank reads the checkpoint itself (no collective outside the elastic loop; the first
         # sync then broadcasts rank 0's state). Else rank 0 reads it and broadcasts what every rank needs.
-        resumed = (restore_latest(out, model, optimizer) if dist.is_main() or elastic else (0, None, None, None))
+        resumed = restore_latest(out, model, optimizer) if dist.is_main() or elastic else (None, None)
         if not elastic:
-            # Horovod: rank 0's iteration, every rank's saved RNG state, the loss scaler's state, or rank 0's
-            # error, to every rank.
+            # Horovod: rank 0's iteration and counters, every rank's saved RNG state, the loss scaler's state,
+            # or rank 0's error, to every rank.
             resumed = dist.broadcast_object(resumed, name="resume_state")
-        start_iter, rng_states, scaler_state, error = resumed
+        resumed, error = resumed
         if error:
             raise checkpoint.CheckpointError(error)
+        rng_states, scaler_state = resumed.pop("rng"), resumed.pop("scaler")
+        progress = Progress(**resumed)
         if rng_states is not None and dist.rank() < len(rng_states):
             checkpoint.set_rng_state(rng_states[dist.rank()])
         if scaler is not None and scaler_state is not None:
@@ -331,10 +340,9 @@ def train(cfg, resume=False, elastic=False):
                 # Horovod: re-initialization dropped the BN process sets; register the groups of the new world.
                 hvd_elastic.set_process_set(model, bn_process_set(cfg.model.bn_group_size, elastic=True))
 
-            metrics = hvd_elastic.run(trainer.run, model, optimizer, on_reset, iteration=start_iter, skipped=0,
-                                      overflows=0)
+            metrics = hvd_elastic.run(trainer.run, model, optimizer, scaler, on_reset, **asdict(progress))
         else:
-            metrics = trainer.run(Progress(iteration=start_iter))
+            metrics = trainer.run(progress)
     finally:
         trainer.close()
     return model, metrics

@@ -16,7 +16,7 @@ from hvd_megdet.data.synthetic import make_dataset
 from hvd_megdet.elastic import describe_workers
 from hvd_megdet.process import run
 from hvd_megdet.solver import lr_at
-from tests.harness import HOROVODRUN, REPO
+from tests.harness import HOROVODRUN, REPO, run_ranks
 from tests.test_faults import CONFIG, overrides, train_killed_when
 
 pytestmark = pytest.mark.multirank
@@ -66,6 +66,31 @@ def test_lost_worker_training_finishes_on_two_with_the_rescaled_lr(tmp_path):
     solver = load_config(CONFIG, argv).solver
     assert [r["lr"] for r in records] == [lr_at(r["iteration"] - 1, solver, r["world_size"]) for r in records]
     assert checkpoint.first_nonfinite(checkpoint.load(checkpoint.path_for(out, 5))) is None
+
+
+def _loss_scale_through_the_elastic_state():
+    import horovod.torch as hvd
+    import torch
+
+    from hvd_megdet.elastic import TrainingState
+    hvd.init()
+    model = torch.nn.Linear(2, 1)
+    # Rank 1 plays a worker that joins mid-run: its fresh scaler starts at another scale than rank 0's.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (18 if hvd.rank() == 0 else 16))
+    scaler.scale(torch.ones(1))  # creates the scale tensor, as the first training step does
+    state = TrainingState(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler, iteration=0)
+    state.sync()  # what hvd.elastic.run does on every (re)start
+    synced = scaler.get_scale()
+    state.commit = state.save  # commit's check for host updates needs an elastic launcher
+    state.commit()
+    scaler.update(new_scale=4.0)  # an overflow after the commit...
+    state.restore()  # ...is rolled back when a worker is lost
+    return synced, scaler.get_scale()
+
+
+def test_the_loss_scale_is_part_of_the_elastic_state():
+    """Else a joining worker unscales by another factor than the others and the replicas drift apart."""
+    assert run_ranks(_loss_scale_through_the_elastic_state, np=2, timeout=120) == [(2.0 ** 18, 2.0 ** 18)] * 2
 
 
 def test_the_log_names_the_hosts_that_left_or_joined():
