@@ -9,6 +9,7 @@ not plain tensors and containers are refused. The trainer never saves non-finite
 import os
 import random
 import re
+import socket
 from pathlib import Path
 
 import torch
@@ -24,17 +25,34 @@ def checkpoint_dir(output_dir):
     return Path(output_dir) / "checkpoints"
 
 
+def _alive(pid):
+    """Whether process `pid` of this host exists (a zombie counts until it is reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_atomic(path, write):
     """Replace `path` atomically: `write(f)` fills a temporary binary file in the same folder, which is
     fsynced and renamed over `path`, then the folder is fsynced. A reader sees the old file or the new one,
-    never part of one, even if the writer is killed. Temporary files that an earlier writer killed mid-write
-    left in the folder are deleted first (one writer per folder: rank 0). Used for checkpoints, evaluation
-    results and the metrics log."""
+    never part of one, even if the writer is killed. Used for checkpoints, evaluation results, the metrics
+    log, predictions and exports (into folders users choose).
+
+    The temporary file is `.<name>.write_atomic-<host>-<pid>`. Such files in the folder that a process of this
+    host killed mid-write left behind (its pid no longer exists, or is this process's) are deleted first; any
+    other file, a concurrent writer's temporary file included, is left alone. One thread per process writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    for stale in path.parent.glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
+    mark = f".write_atomic-{socket.gethostname()}-"
+    tmp = path.with_name(f".{path.name}{mark}{os.getpid()}")
+    for stale in path.parent.glob(f".*{mark}*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            stale.unlink(missing_ok=True)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -37,11 +37,11 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN as Torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from hvd_megdet import model as hvd_model
+from hvd_megdet.categories import model_categories
 from hvd_megdet.checkpoint import write_atomic
 from hvd_megdet.config import ConfigError, inference_min_size, load_config
 from hvd_megdet.data.transforms import resize_scale
 from hvd_megdet.evaluate import inference_model
-from hvd_megdet.predict import model_categories
 from hvd_megdet.train import USER_ERRORS
 
 

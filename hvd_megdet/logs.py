@@ -4,7 +4,8 @@
     writer = MetricsWriter(out, start_iter=0, max_iter=600, log_period=20)
     writer.write({"iteration": 1, "lr": 0.04, "loss": 2.1, "time": 0.8, ...})
 
-Every other rank stays silent; errors are the exception: each rank prints its own `error: ...` line on exit.
+Every other rank stays silent; errors are the exception: each rank prints its own `error: ...` line on exit,
+and so are warnings about a rank's own work (`warn`; `warn_once` for what every rank finds alike).
 """
 import collections
 import json
@@ -34,6 +35,17 @@ def log(*args):
     else:
         _log_file["handle"].write(stamped)
         _log_file["handle"].flush()
+
+
+def warn(message):
+    """Print one line `warning: <message>` on stderr, on whichever rank calls it (each rank about its own work)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def warn_once(message):
+    """`warn` on rank 0 only: for what every rank finds alike (the same checkpoint, the same input files)."""
+    if dist.is_main():
+        warn(message)
 
 
 def log_to_file(path):

@@ -34,7 +34,7 @@ import torch
 from torchvision.ops import box_convert
 
 from hvd_megdet import dist
-from hvd_megdet.checkpoint import load as load_checkpoint
+from hvd_megdet.categories import differences, model_categories
 from hvd_megdet.checkpoint import write_atomic
 from hvd_megdet.config import ConfigError, inference_min_size, load_config
 from hvd_megdet.data import CocoDetection, DatasetError, InferenceShard, build_transforms
@@ -42,16 +42,12 @@ from hvd_megdet.data.coco import read_rgb
 from hvd_megdet.data.transforms import image_to_tensor
 from hvd_megdet.engine import inference
 from hvd_megdet.evaluate import inference_model, start_inference
+from hvd_megdet.logs import warn, warn_once
 from hvd_megdet.train import USER_ERRORS
 from hvd_megdet.visualize import PREDICTION_COLOUR, TRUTH_COLOUR, draw_boxes, save_png, side_by_side
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 _NO_BOXES = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
-
-
-def warn(message):
-    """One warning line on stderr (every rank warns about its own images)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -63,21 +59,6 @@ class Entry:
     name: str = ""
     dataset: CocoDetection | None = None
     index: int = -1
-
-
-def model_categories(cfg, report=warn):
-    """[{"id", "name"}, ...] of the model's labels 1..K: the checkpoint's, else (a checkpoint saved before they
-    were, or a bare state dict) those of the config's annotation files, with a warning passed to `report`."""
-    state = load_checkpoint(cfg.model.weights)
-    if isinstance(state, dict) and state.get("categories"):
-        return state["categories"]
-    for split in (cfg.data.val, cfg.data.train):
-        if split.annotations:
-            report(f"{cfg.model.weights} holds no category names (saved before checkpoints had them): "
-                   f"naming labels from {split.annotations}")
-            return CocoDetection(split.images, split.annotations, keep_empty=True).categories
-    raise ConfigError(f"{cfg.model.weights} holds no category names (saved before checkpoints had them) and "
-                      "the config names no annotation file to take them from: set data.val.annotations")
 
 
 def _coco_images(ann_file, cfg, image_dir):
@@ -110,7 +91,7 @@ def list_images(paths, cfg, image_dir=None, categories=None, report=warn):
             except DatasetError as e:
                 report(f"{e}; skipped")
                 continue
-            if categories is not None and dataset.categories != categories:
+            if categories is not None and differences(categories, dataset.categories):
                 report(f"{path}: its categories differ from the model's; ground truth and predictions are named "
                        "by their own")
             coco_entries += [Entry(dataset.image_path(i), int(image_id), dataset=dataset, index=i)
@@ -184,13 +165,12 @@ def predict(cfg, inputs, output, score_threshold=0.5, image_dir=None, max_images
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--output {output}: cannot create the folder ({e.strerror})") from None
-    report = warn if dist.is_main() else (lambda message: None)  # the same on every rank: rank 0 says it
-    categories = model_categories(cfg, report)
+    categories = model_categories(cfg, warn_once)
     label_to_cat_id = [-1] + [c["id"] for c in categories]
     names = {c["id"]: c["name"] for c in categories}
     model = inference_model(cfg, len(label_to_cat_id), device)
     transform = build_transforms(False, [inference_min_size(cfg.input)], cfg.input.max_size)
-    entries = list_images(inputs, cfg, image_dir, categories, report)[:max_images or None]
+    entries = list_images(inputs, cfg, image_dir, categories, warn_once)[:max_images or None]
 
     results, drawn = [], 0
     for i in InferenceShard(len(entries), dist.rank(), dist.size()):

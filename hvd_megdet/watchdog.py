@@ -122,7 +122,8 @@ def _where(stack):
 
 def probe(address, port, timeout=_PROBE_TIMEOUT):
     """Read the JSON line that the server at (address, port) sends: ("ok", the object), or ("exited" |
-    "unreachable" | "not responding", None)."""
+    "unreachable" | "not responding", None). A reply that is cut off or garbled (not a JSON object) counts as
+    not responding: the peer, or the network, failed mid-answer."""
     try:
         conn = socket.create_connection((address, port), timeout=timeout)
     except ConnectionRefusedError:
@@ -136,7 +137,13 @@ def probe(address, port, timeout=_PROBE_TIMEOUT):
             return "exited", None
         except OSError:
             return "not responding", None
-    return ("ok", json.loads(line)) if line else ("exited", None)
+    if not line:
+        return "exited", None
+    try:
+        reply = json.loads(line)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        reply = None
+    return ("ok", reply) if isinstance(reply, dict) else ("not responding", None)
 
 
 def _serve(server, answer):

@@ -1,6 +1,7 @@
 """The ablation runner: grid expansion, resume, divergence detection, the table, and a tiny real grid."""
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,13 +208,13 @@ class FakeTrainer:
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)
 
-    def __call__(self, cmd, log_path, timeout):
+    def __call__(self, cmd, output_path, timeout):
         out = Path(cmd[-1].split("=", 1)[1])
         args = dict(a.split("=", 1) for a in cmd if "=" in a)
         max_iter, ipe = int(args["solver.max_iter"]), int(args["eval_period"])
         self.calls.append(out.name)
         if out.name in self.fail:
-            log_path.write_text("Traceback\nRuntimeError: boom\n")
+            output_path.write_text("Traceback\nRuntimeError: boom\n")
             return 1
         with open(out / "metrics.jsonl", "w") as f:
             for i in range(1, max_iter + 1):
@@ -223,7 +224,7 @@ class FakeTrainer:
         for it in range(ipe, max_iter + 1, ipe):
             (out / "eval" / f"metrics_{it:07d}.json").write_text(json.dumps(
                 {"iteration": it, "bbox": {"AP": it / max_iter * 10, "AP50": it / max_iter * 20}}))
-        log_path.write_text("done\n")
+        output_path.write_text("done\n")
         return 0
 
 
@@ -270,10 +271,10 @@ def test_outcomes_of_a_finished_process(tmp_path):
     grid = ablation.load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
     (run,), _, _ = ablation.expand(grid)
 
-    def collect(returncode, log, losses, skipped=0):
+    def collect(returncode, output, losses, skipped=0):
         run_dir = tmp_path / "run"
         run_dir.mkdir(exist_ok=True)
-        (run_dir / "log.txt").write_text(log)
+        (run_dir / "output.txt").write_text(output)
         (run_dir / "metrics.jsonl").write_text("".join(
             json.dumps({"iteration": i + 1, "loss": x, "skipped": skipped, "time": 1.0}) + "\n"
             for i, x in enumerate(losses)))
@@ -289,6 +290,35 @@ def test_outcomes_of_a_finished_process(tmp_path):
     assert r["status"] == "failed" and "timed out" in r["reason"] and r["converged"] is None
     r = collect(0, "", falling[:3])
     assert r["status"] == "failed" and f"3 of {run.max_iter}" in r["reason"]
+
+
+TRAINER = """
+import sys, time
+out = sys.argv[-1].split("=", 1)[1]
+for i in range(1, 4):
+    with open(out + "/log.txt", "a") as log:  # as logs.log_to_file: appended, line by line
+        log.write(f"[stamp] iteration {i}\\n")
+    print(f"iteration {i}", flush=True)
+    print(f"warning: iteration {i}: slow", file=sys.stderr, flush=True)
+    time.sleep(0.05)
+sys.exit("error: FloatingPointError: iteration 3: non-finite loss on rank 0; stopping")
+"""
+
+
+def test_a_run_keeps_the_trainers_log_whole_and_what_it_printed(tmp_path):
+    """The runner captures the trainer's output beside its log.txt, not into it."""
+    grid = ablation.load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
+    (run,), _, _ = ablation.expand(grid)
+
+    def trainer(cmd, output_path, timeout):  # the real execute, with a stand-in for the trainer's command
+        return ablation.execute([sys.executable, "-c", TRAINER, cmd[-1]], output_path, timeout)
+
+    result = ablation.train_run(run, tmp_path / "run", grid, execute=trainer)
+    log = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    assert log == [f"[stamp] iteration {i}" for i in range(1, 4)]
+    printed = (tmp_path / "run" / "output.txt").read_text().splitlines()
+    assert printed[:2] == ["iteration 1", "warning: iteration 1: slow"] and len(printed) == 7
+    assert result["status"] == "diverged" and result["reason"] == printed[-1]
 
 
 @pytest.mark.multirank

@@ -54,6 +54,50 @@ def test_missing_and_refused(tmp_path):
         checkpoint.load(bad)
 
 
+HANGING_WRITER = """
+import sys, time
+from hvd_megdet import checkpoint
+checkpoint.write_atomic(sys.argv[1], lambda f: (f.write(b"partial"), f.flush(), time.sleep(120)))
+"""
+
+
+def start_hanging_writer(path):
+    """A process inside write_atomic(path), its temporary file written and flushed; (process, that file)."""
+    before = set(path.parent.iterdir())
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_WRITER, str(path)])
+    deadline = time.monotonic() + 60
+    while not (new := set(path.parent.iterdir()) - before) or not next(iter(new)).stat().st_size:
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer did not start writing"
+        time.sleep(0.1)
+    return proc, new.pop()
+
+
+# A user's file, another program's temporary files, and one of a writer on another host (same folder over NFS).
+FOREIGN = (".notes.tmp42", ".model_0000005.pth.tmp7", ".x.write_atomic", ".y.write_atomic-elsewhere-999999999")
+
+
+def test_write_atomic_deletes_only_the_leftovers_of_dead_writers(tmp_path):
+    """Another program's hidden files stay, and so does a live writer's temporary file; a killed writer's goes."""
+    target = checkpoint.path_for(tmp_path, 5)
+    target.parent.mkdir()
+    for name in FOREIGN:
+        (target.parent / name).write_text("someone else's")
+    killed, leftover = start_hanging_writer(target)
+    killed.kill()
+    killed.wait()
+    live, in_progress = start_hanging_writer(target.with_name("other.pth"))
+    try:
+        checkpoint.save(state(5), target)
+        assert checkpoint.load(target)["iteration"] == 5
+        assert not leftover.exists()
+        assert in_progress.read_bytes() == b"partial"
+    finally:
+        live.kill()
+        live.wait()
+    for name in FOREIGN:
+        assert (target.parent / name).read_text() == "someone else's"
+
+
 WRITER = """
 import sys, torch
 from hvd_megdet import checkpoint

@@ -29,6 +29,18 @@ def test_a_probe_tells_an_answer_from_an_exited_and_a_frozen_process():
         assert probe("127.0.0.1", frozen.getsockname()[1], timeout=0.5) == ("not responding", None)
 
 
+@pytest.mark.parametrize("reply", [b'{"state": "runn', b'{"state": "running"\xff\n', b'[1, 2]\n'])
+def test_a_probe_reading_a_cut_off_or_garbled_reply_calls_the_peer_not_responding(reply):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def answer_and_hang_up():
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(reply)
+
+        threading.Thread(target=answer_and_hang_up, daemon=True).start()
+        assert probe("127.0.0.1", server.getsockname()[1]) == ("not responding", None)
+
+
 def test_a_probe_that_cannot_connect_calls_the_peer_unreachable(monkeypatch):
     def no_route(*args, **kwargs):
         raise OSError(113, "No route to host")

@@ -40,16 +40,18 @@ one rank for bn, of the ranks of a group for CGBN. Run names say all of it: b64_
 batch 64 on 4 ranks x 2 images x 8 passes, CGBN over 4 images, with warmup, seed 1.
 
 Each run is the trainer in a subprocess (plain python for one rank, else the launcher) with its own folder
-`<out>/<run name>/` (its trainer outputs, `log.txt`, and `result.json` once finished). Resume: rerunning the
-same command skips every run whose result.json holds the same settings (the `Run` fields: batch, ranks, norm,
-lr, iterations, seed, overrides...) and did not fail; any other run (not started, interrupted, failed, or whose
+`<out>/<run name>/`: the trainer's outputs (its `log.txt` among them), `output.txt` (what every rank printed on
+stdout and stderr, error lines included) and `result.json` once finished. Resume: rerunning the same command
+skips every run whose result.json holds the same settings (the `Run` fields: batch, ranks, norm, lr,
+iterations, seed, overrides...) and did not fail; any other run (not started, interrupted, failed, or whose
 settings changed) has its folder deleted and runs again from the start. Edits inside the base config file and
 changed divergence thresholds are not detected: use a new --out for those.
 Outcomes: `converged`; `diverged` (non-finite steps or an exploding loss, see `divergence`, or the trainer
 stopped on a non-finite loss with solver.nonfinite=stop) — an outcome, not an error; `failed` (any other
-crash or a timeout; the log's tail is kept). After each run results.json and results.md are rewritten: the
-paper's table form with the seeds of a setting pooled (mean and spread), AP by epoch, and one row per run. At
-the end ap_by_epoch.png, loss.png (one panel per block) and lr.png are drawn. Exit status 1 when a run failed.
+crash or a timeout; the tail of output.txt is kept as "log_tail"). After each run results.json and
+results.md are rewritten: the paper's table form with the seeds of a setting pooled (mean and spread), AP by
+epoch, and one row per run. At the end ap_by_epoch.png, loss.png (one panel per block) and lr.png are drawn.
+Exit status 1 when a run failed.
 """
 import argparse
 import dataclasses
@@ -82,6 +84,8 @@ RUNNER_KEYS = ("solver.ims_per_gpu", "solver.backward_passes_per_step", "solver.
 DEFAULT_LAUNCHER = [str(Path(sys.executable).with_name("horovodrun")), "-np", "{np}", "-H", "localhost:{np}",
                     "--gloo"]
 LOG_TAIL_LINES = 40
+# What a run's processes print, captured; not the trainer's log.txt, which the trainer appends to itself.
+OUTPUT = "output.txt"
 
 
 @dataclass
@@ -304,11 +308,11 @@ def command(run, run_dir, grid):
     return [t.replace("{np}", str(run.ranks)) for t in grid.launcher or DEFAULT_LAUNCHER] + train
 
 
-def execute(cmd, log_path, timeout):
-    """Run `cmd` with stdout and stderr into `log_path`; its exit status, or None if it ran past `timeout`
+def execute(cmd, output_path, timeout):
+    """Run `cmd` with stdout and stderr into `output_path`; its exit status, or None if it ran past `timeout`
     seconds (then it and everything it started are killed, as they are if this process is interrupted)."""
-    with open(log_path, "w") as log:
-        return process.run(cmd, timeout, stdout=log, stdin=subprocess.DEVNULL)[0]
+    with open(output_path, "w") as output:
+        return process.run(cmd, timeout, stdout=output, stdin=subprocess.DEVNULL)[0]
 
 
 def divergence(losses, skipped, max_skipped=0, explode_factor=10.0):
@@ -370,10 +374,10 @@ def collect(run, run_dir, returncode, wall_s, grid):
               "ap_by_epoch": evals, "iterations_done": len(records), "skipped": skipped,
               "final_loss": last_epoch_loss(losses, run.iters_per_epoch),
               "train_time_s": sum(r["time"] for r in records), "wall_s": wall_s, "log_tail": None}
-    log_path = Path(run_dir) / "log.txt"
-    log_lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-    tail = "\n".join(log_lines[-LOG_TAIL_LINES:])
-    stop = [line for line in log_lines if "FloatingPointError" in line]
+    output_path = Path(run_dir) / OUTPUT
+    lines = output_path.read_text(errors="replace").splitlines() if output_path.exists() else []
+    tail = "\n".join(lines[-LOG_TAIL_LINES:])
+    stop = [line for line in lines if "FloatingPointError" in line]
     if returncode is None:
         result.update(reason=f"timed out after {grid.timeout:g} s", log_tail=tail)
     elif returncode != 0 and stop:
@@ -413,7 +417,7 @@ def train_run(run, run_dir, grid, execute=execute):
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    returncode = execute(command(run, run_dir, grid), run_dir / "log.txt", grid.timeout)
+    returncode = execute(command(run, run_dir, grid), run_dir / OUTPUT, grid.timeout)
     result = collect(run, run_dir, returncode, time.perf_counter() - t0, grid)
     write_json(run_dir / "result.json", result)
     return result
