@@ -12,7 +12,7 @@ install: $(INSTALLED)
 	PYTHON=$(PY) scripts/install_horovod.sh
 
 $(INSTALLED): requirements.txt pyproject.toml
-	@echo "== .venv: installing requirements.txt, about 6 GB with torch's CUDA libraries (3.5 min here, mostly downloads)"
+	@echo "== .venv: installing requirements.txt, about 6 GB with torch's CUDA libraries (about 3.5 min, mostly downloads)"
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .

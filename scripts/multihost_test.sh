@@ -26,7 +26,7 @@ IMAGE=${IMAGE:-localhost/hvd_megdet:cpu-test}
 PREFIX=hvdmh                 # containers hvdmh-c1.., networks hvdmh-a, hvdmh-b
 HOSTS=(c1 c2 c3)
 PORT=2222                    # the non-default ssh port of the nic-port run
-STALL_LIMIT=90                # above the slowest batch seen here (62 s: 3 ranks on 2 cores busy with other jobs)
+STALL_LIMIT=90                # above the slowest batch seen in this test (62 s: 3 ranks on 2 cores busy with other jobs)
 RUN_TIMEOUT=1800             # seconds any one horovodrun may take (a guard against hangs: a run takes 1-3 min)
 
 say() { echo "multihost_test: $*" >&2; }

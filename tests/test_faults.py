@@ -17,35 +17,13 @@ import torch
 from hvd_megdet import checkpoint
 from hvd_megdet.data import CocoDetection
 from hvd_megdet.data.sampler import TrainBatchSampler
-from hvd_megdet.data.synthetic import make_dataset
 from tests.harness import horovodrun, run_ranks
+from tests.tiny_run import CONFIG, overrides, records, train_killed_when
 
 pytestmark = pytest.mark.multirank
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "demo_shapes.yaml"
 NAN_AT = 2  # the 0-based iteration at which rank 1's images become NaN
 # fp16 runs start their GradScaler at 2**18 (not torch's 2**16), which makes iterations 0 and 1 overflow here.
 FP16_INIT_SCALE = 2.0**18
-
-
-def overrides(data_root, out, **extra):
-    """A tiny 2-rank run: 96-px images, few proposals, no workers, no evaluation, a checkpoint every 2.
-    Everything the tests' expectations depend on is set here, not taken from the demo config."""
-    items = {
-        "model.backbone": "resnet_tiny", "model.norm": "cgbn", "model.bn_group_size": 0,
-        "model.anchor_sizes": "[16, 32, 64, 128, 256]", "device": "cpu", "seed": 0,
-        "solver.base_lr": 0.02, "solver.base_batch": 16, "solver.warmup_factor": 0.01, "solver.nonfinite": "skip",
-        "data.train.images": data_root / "train",
-        "data.train.annotations": data_root / "annotations" / "instances_train.json",
-        "data.val.annotations": "", "data.num_workers": 0, "output_dir": out,
-        "input.min_size": "[96]", "input.max_size": 128,
-        "model.rpn_pre_nms_top_n_train": 100, "model.rpn_post_nms_top_n_train": 50,
-        "model.box_batch_size_per_image": 32,
-        "solver.ims_per_gpu": 2, "solver.max_iter": 6, "solver.warmup_iters": 2, "solver.steps": "[4]",
-        "checkpoint_period": 2, "log_period": 1,
-    }
-    items.update(extra)
-    return [f"{k}={v}" for k, v in items.items()]
 
 
 def digest(state_dict):
@@ -54,10 +32,6 @@ def digest(state_dict):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def records(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _scenarios(runs):
@@ -93,13 +67,6 @@ def _scenarios(runs):
         except (FloatingPointError, *trainer.USER_ERRORS) as e:
             outcomes[name] = {"error": f"{e.__class__.__name__}: {e}"}
     return outcomes
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_dataset(str(root), num_train=16, num_val=4, seed=1)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -232,24 +199,6 @@ def test_fewer_training_images_than_ranks_is_an_error_on_every_rank(scenarios):
     _, (rank0, rank1) = scenarios
     assert rank0["one_image"] == rank1["one_image"]
     assert rank0["one_image"]["error"].endswith("1 training images for 2 ranks: every rank needs at least one")
-
-
-def train_killed_when(condition):
-    """Source for `python -c`: hvd_megdet.train's main in a process that SIGKILLs itself just before loading
-    a batch when `condition` holds (an expression of `hvd`, `os` and `calls[0]`, the batches loaded so far)."""
-    return f"""
-import os, signal, sys
-import horovod.torch as hvd
-import hvd_megdet.train as trainer
-fetch, calls = trainer.next_batch, [0]
-def next_batch(data_iter):
-    if {condition}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    calls[0] += 1
-    return fetch(data_iter)
-trainer.next_batch = next_batch
-trainer.main(sys.argv[1:])
-"""
 
 
 # Rank 1 kills itself when it is about to load the batch of iteration 4, right after the checkpoint of

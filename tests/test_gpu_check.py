@@ -112,7 +112,8 @@ def test_setup_notes_and_pytest_outcomes(tmp_path):
 
 
 def test_the_check_needs_no_package_missing_on_the_gpu_machine():
-    # The device machine has neither pycocotools nor albumentations (KINDS.md); the check must not import them.
+    # A GPU machine set up for the check alone may lack pycocotools and albumentations (README.md, "GPU check");
+    # the check must not import them.
     code = ("import sys; sys.modules.update(pycocotools=None, albumentations=None)\n"
             "import hvd_megdet.bench.gpu, hvd_megdet.model, hvd_megdet.sync_bn, hvd_megdet.process\n"
             "import tests.test_sync_bn, torchvision.models.detection\n")

@@ -1,6 +1,6 @@
 """A rank that hangs without dying ends the job after `stall_limit` seconds, with one line naming it.
 
-Two 2-rank trainings (tests.test_loader_lifetime.Job) with stall_limit=15: in one, rank 1 is stopped (SIGSTOP)
+Two 2-rank trainings (tests/tiny_run.py's `Job`) with stall_limit=15: in one, rank 1 is stopped (SIGSTOP)
 from outside mid-run; in the other, rank 1's data-loader worker blocks reading an image (a named pipe that
 nobody writes, as a hung network filesystem would). Rank 0 waits in a collective; its watchdog's monitor asks
 rank 1's where it is, prints the line and ends rank 0, and horovodrun the job; nothing of the job is left.
@@ -16,7 +16,7 @@ import pytest
 
 from hvd_megdet.data import CocoDetection
 from hvd_megdet.data.sampler import TrainBatchSampler
-from tests.test_loader_lifetime import Job, long_run, shapes  # noqa: F401 (a fixture)
+from tests.tiny_run import Job, long_run
 
 pytestmark = pytest.mark.multirank
 LIMIT = 15
@@ -50,7 +50,7 @@ def test_a_stopped_rank_ends_the_job_within_the_stall_limit_naming_it(shapes, tm
 
 def image_only_rank_1_loads_at(root, iteration, world=2, ims_per_gpu=2):
     """The path of an image that rank 1 loads at `iteration` and that no rank loads before, nor rank 0 at
-    `iteration` (the training stream of tests.test_faults.overrides: seed 0)."""
+    `iteration` (the training stream of tests/tiny_run.py's `overrides`: seed 0)."""
     ds = CocoDetection(str(root / "train"), str(root / "annotations" / "instances_train.json"))
     streams = [TrainBatchSampler(ds.aspect_ratios, ims_per_gpu, r, world, seed=0) for r in range(world)]
     earlier = {i for b in itertools.islice(streams[1], iteration) for i in b}

@@ -46,8 +46,12 @@ def _train_and_digest(argv):
     return digest.hexdigest(), metrics
 
 
+def read_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def read_losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in read_records(out)]
 
 
 def test_two_ranks_train_in_lockstep_with_cgbn(shapes, tmp_path):
@@ -74,7 +78,11 @@ def test_horovodrun_command_line_and_evaluate(shapes, tmp_path):
     proc = horovodrun(2, [sys.executable, "-m", "hvd_megdet.train", "--config", "configs/demo_shapes.yaml", *args],
                       timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "lr 0.08 x 4/16 = 0.02 (linear scaling rule)" in proc.stdout
+    # 2 ranks x 2 images = global batch 4: lr 0.08 x 4/16 = 0.02 (linear scaling rule), after a linear warmup
+    # from 0.01 x that over 2 iterations.
+    records = read_records(out)
+    assert [r["world_size"] for r in records] == [2, 2, 2]
+    assert [r["lr"] for r in records] == pytest.approx([0.02 * 0.01, 0.02 * 0.505, 0.02])
     ckpt = out / "checkpoints" / "model_0000003.pth"
     assert ckpt.is_file()
     eval_out = tmp_path / "eval_only"
@@ -132,7 +140,10 @@ def test_the_model_evaluated_in_training_is_the_model_saved(shapes, tmp_path, no
                       timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     if "solver.backward_passes_per_step" in norm:
-        assert "world size 2 x 2 images x 2 backward passes = global batch 8; lr 0.02 x 8/16 = 0.01" in proc.stdout
+        # 2 ranks x 2 images x 2 backward passes = global batch 8: lr 0.02 x 8/16 = 0.01, after the warmup.
+        records = read_records(out)
+        assert [r["world_size"] for r in records] == [2, 2, 2, 2]
+        assert [r["lr"] for r in records] == pytest.approx([0.01 * 0.01, 0.01 * 0.505, 0.01, 0.01])
     ckpt = out / "checkpoints" / "model_0000004.pth"
     alone = tmp_path / "evaluate"
     proc = horovodrun(1, [sys.executable, "-m", "hvd_megdet.evaluate", "--config", "configs/demo_shapes.yaml",

@@ -4,7 +4,7 @@ plain torchvision loop, in one run and one JSON.
     python -m hvd_megdet.bench.gpu --out gpu_check.json [--setup FILE] [--dry-run]
 
 `scripts/gpu_check.sh` sets up a fresh GPU machine (Horovod built there with NCCL) and runs this; README.md,
-"GPU check", has the device-tool call. Steps, in this order (the most telling first), each recorded as
+"GPU check", says how to run it, also on a machine without network. Steps, in this order (the most telling first), each recorded as
 {"status": "ok" | "failed" | "skipped", ...} with its seconds, so that one failure does not hide the others;
 the JSON is rewritten after each, so a run stopped at its time limit keeps what it finished:
 
