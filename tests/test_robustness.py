@@ -189,7 +189,7 @@ for trial in range(trials):
     time.sleep(rng.uniform(0.0, 0.2))
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    mid_write += any(path.parent.glob(".*.tmp*"))
+    mid_write += any(path.parent.glob(".*.write_atomic-*"))
     try:
         state = checkpoint.load(path)
         loadable += bool((state["model"]["w"] == state["iteration"]).all())
