@@ -18,10 +18,12 @@ the same order, forward and backward, including ranks whose batch is empty. Coll
 order in which layers are created, so every rank builds the same model the same way.
 
 The algorithm, its collectives and their cost: README.md, "Cross-GPU Batch Normalization", and
-docs/performance.md.
+docs/performance.md. `register_collective_hook` tells instrumentation (a watchdog, a benchmark) when each
+collective starts, is waited for and ends, on the thread that runs it.
 """
 import itertools
 import time
+from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import horovod.torch as hvd
@@ -29,23 +31,55 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
 
 # `process_set` value for BN groups of one rank (BN size 1): plain per-rank BatchNorm, no collectives.
 LOCAL = "local"
 WAITS = ("auto", "sleep", "horovod")
 _wait = {"mode": "auto", "poll_seconds": 20e-6}  # see set_allreduce_wait
 _cuda_kernels = {"enabled": False}  # see use_fused_cuda_kernels
+# RemovableHandle id -> hook (register_collective_hook); an OrderedDict, as the handle's weak reference needs
+_collective_hooks = OrderedDict()
 
 _layer_ids = itertools.count()  # creation order -> collective names, equal on all ranks (see module docstring)
 _BATCHNORM_DIMS = ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))  # class, input dims it takes
 _BATCHNORM_BY_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
+def register_collective_hook(hook):
+    """Have `hook(name, event)` called around every collective of this module, for the whole process (like
+    torch's global module hooks), on the thread that runs the collective: in a CUDA backward, one of
+    autograd's device threads, not the main thread. `name` is the collective's Horovod name: "sync_bn.3.sum"
+    and ".sqdev" (or ".moments") in layer 3's forward, "sync_bn.3.grad" in its backward, "sync_bn.3+4.grad"
+    for layers sharing collectives, "sync_bn.average_running_stats". `event` is "start" (about to start it),
+    "wait" (its caller, its local work done, starts waiting for the result) or "end" (the wait is over, also
+    when it raised). For instrumentation: a watchdog that must see waits on any thread, a benchmark that
+    counts or times collectives. An exception in `hook` reaches the collective's caller. With no hook
+    registered, an event costs a loop over nothing.
+
+    Returns a torch.utils.hooks.RemovableHandle: `handle.remove()` unregisters the hook."""
+    handle = RemovableHandle(_collective_hooks)
+    _collective_hooks[handle.id] = hook
+    return handle
+
+
+def _tell_hooks(name, event):
+    for hook in tuple(_collective_hooks.values()):  # a copy: another thread may register or remove one
+        hook(name, event)
+
+
+class _Allreduce(NamedTuple):
+    """An allreduce in flight: Horovod's handle and the collective's name."""
+    handle: int
+    name: str
+
+
 def _allreduce_start(tensor, name, process_set):
     """Horovod: start summing per-channel statistics over the ranks of the BN group, in place; the stable
     name keys Horovod's response cache, so a layer's collective is negotiated once and never mixed with
-    another's. Returns the handle for `_allreduce_wait`; the caller does local work in between."""
-    return hvd.allreduce_async_(tensor, op=hvd.Sum, name=name, process_set=process_set)
+    another's. Returns the `_Allreduce` for `_allreduce_wait`; the caller does local work in between."""
+    _tell_hooks(name, "start")
+    return _Allreduce(hvd.allreduce_async_(tensor, op=hvd.Sum, name=name, process_set=process_set), name)
 
 
 def set_allreduce_wait(mode="auto", poll_seconds=20e-6):
@@ -75,12 +109,16 @@ def _memory_format(x):
         else torch.contiguous_format
 
 
-def _allreduce_wait(handle, on_gpu):
+def _allreduce_wait(allreduce, on_gpu):
     """The result of `_allreduce_start`'s allreduce, waited for as `set_allreduce_wait` says."""
-    if _wait["mode"] == "sleep" or (_wait["mode"] == "auto" and not on_gpu):
-        while not hvd.poll(handle):
-            time.sleep(_wait["poll_seconds"])
-    return hvd.synchronize(handle)
+    _tell_hooks(allreduce.name, "wait")
+    try:
+        if _wait["mode"] == "sleep" or (_wait["mode"] == "auto" and not on_gpu):
+            while not hvd.poll(allreduce.handle):
+                time.sleep(_wait["poll_seconds"])
+        return hvd.synchronize(allreduce.handle)
+    finally:
+        _tell_hooks(allreduce.name, "end")
 
 
 def _layout(x):
@@ -152,9 +190,9 @@ def _two_phase_statistics(local, name, process_set):
     phase 1 is in flight."""
     channels, on_gpu = [moments.sum.numel() for moments in local], local[0].on_gpu
     payload = torch.cat([*(moments.sum for moments in local), _counts_tensor(local, local[0].sum)])
-    handle = _allreduce_start(payload, f"{name}.sum", process_set)
+    allreduce = _allreduce_start(payload, f"{name}.sum", process_set)
     m2 = [moments.m2() for moments in local]
-    totals = _allreduce_wait(handle, on_gpu)
+    totals = _allreduce_wait(allreduce, on_gpu)
     counts = _checked_counts(totals[-len(local):], local, name)
     means = [total / k.clamp(min=1) for total, k in zip(totals[:-len(local)].split(channels), counts)]
     # Each rank's sum of squared deviations from the global mean, from its local moments.
@@ -260,10 +298,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # dy * (x - mean): one allreduce for all layers, in flight while dy * scale is computed.
             channels = [mean.numel() for mean in means]
             payload = torch.cat([*(t.sum_dy for t in terms), *(t.sum_dy_centered for t in terms)])
-            handle = _allreduce_start(payload, f"{ctx.name}.grad", ctx.process_set)
+            allreduce = _allreduce_start(payload, f"{ctx.name}.grad", ctx.process_set)
             for t in terms:
                 t.prepare_grad_input()
-            group_sum_dy, group_sum_dy_centered = _allreduce_wait(handle, ctx.on_gpu).split([sum(channels)] * 2)
+            group_sum_dy, group_sum_dy_centered = _allreduce_wait(allreduce, ctx.on_gpu).split([sum(channels)] * 2)
             grad_inputs = [t.grad_input(total_dy, total_dy_centered, k) if needed else None
                            for t, total_dy, total_dy_centered, k, needed in
                            zip(terms, group_sum_dy.split(channels), group_sum_dy_centered.split(channels),
@@ -471,7 +509,8 @@ def average_running_stats(module):
         return
     stats = torch.cat([torch.cat([m.running_mean, m.running_var]).to(torch.float64) for m in layers])
     # Horovod: the sum over all ranks of every layer's running statistics, in one tensor.
-    stats = hvd.allreduce(stats, op=hvd.Sum, name="sync_bn.average_running_stats") / hvd.size()
+    stats = _allreduce_wait(_allreduce_start(stats, "sync_bn.average_running_stats", hvd.global_process_set),
+                            stats.is_cuda) / hvd.size()
     with torch.no_grad():
         for m, layer_stats in zip(layers, stats.split([2 * m.num_features for m in layers])):
             mean, var = layer_stats.chunk(2)

@@ -4,12 +4,19 @@
     dog.start(rank, peers)             # peers: every rank's dog.card(), gathered (dist.init does both)
     dog.lost_peers()                   # after a collective failed: "rank 1 has exited (host c2, pid 77)"
 
-In each rank a status server answers where the main thread is: the collective it waits in and for how long, or
-the code it runs. The main thread writes its own stack when asked (a signal that faulthandler handles in C):
-reading it from another thread can crash Python 3.11 (4-rank runs of the ablation grid segfaulted so). Each
-rank also starts a monitor, a small process of its own (`python -m hvd_megdet.watchdog`), which asks its rank
-every second. A process, because a rank blocked in a Horovod call can hold Python's lock: an enqueue waits for
-Horovod's background thread, which with dynamic process sets holds a lock while it waits for a peer, so no
+In each rank a status server answers where the rank waits: the longest wait of its threads in a collective, and
+for how long, and where its main thread runs. No thread reads another's frames: that can crash Python 3.11 (4-rank
+runs of the ablation grid segfaulted so). The main thread writes its own stack when asked (a signal that
+faulthandler handles in C); waits on other threads announce themselves through sync_bn's collective hook (on GPU,
+autograd runs the backward, CGBN's allreduces with it, on threads of its own). Seen: every Horovod wait of the
+main thread (collectives, hvd.DistributedOptimizer's synchronize, CGBN), CGBN's waits on any thread, and a rank
+blocked holding Python's lock (below). Not seen: other Horovod waits off the main thread (a hvd.synchronize in a
+thread of one's own); hvd.DistributedOptimizer's backward hooks, which run on autograd's threads too, only start
+allreduces, and an enqueue that blocks holds Python's lock.
+
+Each rank also starts a monitor, a small process of its own (`python -m hvd_megdet.watchdog`), which asks its
+rank every second. A process, because a rank blocked in a Horovod call can hold Python's lock: an enqueue waits
+for Horovod's background thread, which with dynamic process sets holds a lock while it waits for a peer, so no
 thread of the rank runs.
 
 The monitor ends its rank (SIGKILL) after printing one line `error: rank R: stalled ...` when the rank has
@@ -174,7 +181,10 @@ class Watchdog:
         self._stack_file = tempfile.TemporaryFile()  # where the main thread writes its stack (_main_stack)
         faulthandler.register(_WHERE_SIGNAL, file=self._stack_file, all_threads=False)
         self._lock = threading.Lock()
-        self._waiting, self._since = None, time.monotonic()  # the wait seen last (see status), and since when
+        self._waiting, self._since = None, time.monotonic()  # the main thread's wait seen last, and since when
+        self._waits = {}  # thread ident -> (collective name, since when): CGBN's waits, told by its hook
+        from hvd_megdet import sync_bn  # loads torch: the monitor process, which imports this module, must not
+        sync_bn.register_collective_hook(self._collective_event)
         self.rank, self.peers = None, []
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
@@ -228,8 +238,17 @@ class Watchdog:
             dump = written
         return _parse_stack(dump.decode(errors="replace"))
 
+    def _collective_event(self, name, event):
+        """sync_bn's collective hook: which thread waits in which collective, since when (a new one resets)."""
+        if event == "wait":
+            self._waits[threading.get_ident()] = (name, time.monotonic())
+        elif event == "end":
+            self._waits.pop(threading.get_ident(), None)
+
     def status(self):
-        """This rank now: {"collective": where its main thread waits or None, "waiting_s", "where"}."""
+        """This rank now: {"collective": the longest wait of its threads in a collective or None, "waiting_s",
+        "where": where its main thread runs}. The main thread's wait is read from its stack, the other threads'
+        from sync_bn's collective hook."""
         from horovod.torch import mpi_ops  # loaded in the rank already; the monitor process must not load torch
         with self._lock:  # one dump at a time: the monitor and peers' surveys ask from the server's thread
             stack = self._main_stack()
@@ -239,10 +258,16 @@ class Watchdog:
             wait = None if collective is None else (stack[collective:], max(mpi_ops._handle_map, default=None))
             if wait != self._waiting:
                 self._waiting, self._since = wait, time.monotonic()
-            status = {"collective": None, "waiting_s": None, "where": _where(stack)}
+            # A copy: the hook changes it from other threads. The main thread's own waits are left to its stack,
+            # which says more.
+            waits = [(since, f"{name} off the main thread") for thread, (name, since) in self._waits.copy().items()
+                     if thread != self._main]
             if wait is not None:
-                status["collective"] = f"{stack[collective][2]} from {_where(stack[collective + 1:])}"
-                status["waiting_s"] = round(time.monotonic() - self._since, 1)
+                waits.append((self._since, f"{stack[collective][2]} from {_where(stack[collective + 1:])}"))
+            status = {"collective": None, "waiting_s": None, "where": _where(stack)}
+            if waits:
+                since, status["collective"] = min(waits)
+                status["waiting_s"] = round(time.monotonic() - since, 1)
         return status
 
     def lost_peers(self):

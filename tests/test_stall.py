@@ -4,18 +4,23 @@ Two 2-rank trainings (tests/tiny_run.py's `Job`) with stall_limit=15: in one, ra
 from outside mid-run; in the other, rank 1's data-loader worker blocks reading an image (a named pipe that
 nobody writes, as a hung network filesystem would). Rank 0 waits in a collective; its watchdog's monitor asks
 rank 1's where it is, prints the line and ends rank 0, and horovodrun the job; nothing of the job is left.
+A third, smaller job has rank 0 wait in CGBN's backward on a thread other than the main one, as on GPU.
 """
 import itertools
+import json
 import os
+import re
 import shutil
 import signal
 import socket
+import sys
 import time
 
 import pytest
 
 from hvd_megdet.data import CocoDetection
 from hvd_megdet.data.sampler import TrainBatchSampler
+from tests.harness import horovodrun
 from tests.tiny_run import Job, long_run
 
 pytestmark = pytest.mark.multirank
@@ -73,3 +78,44 @@ def test_a_rank_stuck_in_its_data_loader_is_named_with_where_it_waits(shapes, tm
         assert f"rank 1 runs outside any collective (host {socket.gethostname()}, pid" in line
         assert "next_batch" in line  # where rank 1's main thread waits for its batch
         assert job.left_after() == []
+
+
+# Both ranks run a CGBN layer's forward; then rank 1 hangs before its backward, and asks meanwhile what rank 0
+# does (what a third rank's monitor would read when naming the ranks that hold the job up).
+BACKWARD_OFF_THE_MAIN_THREAD = """
+import json, os, sys, threading, time
+import horovod.torch as hvd, torch
+from hvd_megdet.sync_bn import SyncBatchNorm
+from hvd_megdet.watchdog import Watchdog, probe
+
+hvd.init()
+dog = Watchdog(limit=float(sys.argv[1]))
+peers = hvd.allgather_object(dog.card())
+dog.start(hvd.rank(), peers)
+y = SyncBatchNorm(3)(torch.randn(4, 3, 5, requires_grad=True))
+if hvd.rank() == 1:
+    print("rank 1 pid", os.getpid(), flush=True)
+    for _ in range(40):
+        view = probe(peers[0]["address"], peers[0]["port"])[1]
+        if view["status"] and view["status"]["collective"]:
+            break
+        time.sleep(0.1)
+    print("rank 0 seen from rank 1:", json.dumps(view["status"]), flush=True)
+    time.sleep(60)
+backward = threading.Thread(target=y.sum().backward)  # on GPU, autograd runs it on a device thread
+backward.start()
+backward.join()
+"""
+
+
+def test_a_wait_in_a_backward_off_the_main_thread_is_a_stall_naming_the_rank_that_holds_it_up():
+    limit = 8
+    out = horovodrun(2, [sys.executable, "-c", BACKWARD_OFF_THE_MAIN_THREAD, limit], timeout=120).stdout
+    pid = re.search(r"rank 1 pid (\d+)", out).group(1)
+    seen = json.loads(re.search(r"rank 0 seen from rank 1: (.*)", out).group(1))
+    assert seen["collective"] == "sync_bn.0.grad off the main thread", out[-3000:]
+    line = re.search(rf"error: rank 0: stalled: waited \d+ s \(stall_limit {limit} s\) in (.*?); holding it up: (.*)",
+                     out)
+    assert line is not None, out[-3000:]
+    assert line.group(1) == "sync_bn.0.grad off the main thread"
+    assert line.group(2).startswith(f"rank 1 runs outside any collective (host {socket.gethostname()}, pid {pid}) at ")

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hvd_megdet.sync_bn import (LOCAL, SyncBatchNorm, bn_group, bn_process_sets, convert_sync_batchnorm,
-                                revert_sync_batchnorm)
+                                register_collective_hook, revert_sync_batchnorm)
 from tests.harness import run_ranks
 
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -616,10 +616,11 @@ def _average_running_stats_rank():
             m.running_var.fill_(1.0 + 2 * hvd.rank())
         model[2].running_mean.copy_(torch.tensor([0.1, 1 / 3]))  # equal on every rank
     same_before = model[2].running_mean.clone()
-    with mock.patch.object(hvd, "allreduce", wraps=hvd.allreduce) as allreduce:
+    events = []
+    with register_collective_hook(lambda name, event: events.append(event)):
         average_running_stats(model)
     return {"stats": [(m.running_mean.tolist(), m.running_var.tolist()) for m in model],
-            "equal_kept": torch.equal(model[2].running_mean, same_before), "allreduces": allreduce.call_count}
+            "equal_kept": torch.equal(model[2].running_mean, same_before), "allreduces": events.count("start")}
 
 
 @pytest.mark.multirank
@@ -630,6 +631,22 @@ def test_average_running_stats_makes_one_model_from_per_rank_statistics():
     assert stats[0] == ([1.0, 2.0, 3.0], [3.0, 3.0, 3.0])  # means of ranks 0, 1, 2; variances 1, 3, 5
     assert stats[1] == ([1.0, 2.0], [3.0, 3.0])
     assert ranks[0]["equal_kept"] and ranks[0]["allreduces"] == 1  # bit for bit; one collective in all
+
+
+def _collective_hook_rank():
+    _init()
+    layer, events = SyncBatchNorm(3), []
+    handle = register_collective_hook(lambda name, event: events.append((name, event)))
+    for _ in range(2):  # the second step after handle.remove(): no event
+        layer(torch.randn(2, 3, 4, requires_grad=True)).sum().backward()
+        handle.remove()
+    return events
+
+
+@pytest.mark.multirank
+def test_a_collective_hook_is_told_of_each_collective_until_removed():
+    expected = [(f"sync_bn.0.{kind}", event) for kind in ("sum", "sqdev", "grad") for event in ("start", "wait", "end")]
+    assert run_ranks(_collective_hook_rank, np=2, timeout=120) == [expected] * 2
 
 
 def _host_reads_rank():

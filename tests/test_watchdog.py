@@ -14,7 +14,7 @@ import time
 import pytest
 from horovod.torch import mpi_ops
 
-from hvd_megdet import watchdog
+from hvd_megdet import sync_bn, watchdog
 from hvd_megdet.watchdog import Watchdog, probe
 
 
@@ -76,6 +76,43 @@ def test_status_names_the_collective_a_thread_waits_in_and_where_it_was_called(m
     assert [first["where"], same_wait["where"]] == [new_wait["where"]] * 2
     assert first["collective"].startswith("allreduce_like from ") and first["collective"].endswith(" run")
     assert first["waiting_s"] == 0.0 and same_wait["waiting_s"] >= 0.3 and new_wait["waiting_s"] == 0.0
+
+
+def test_status_names_a_collective_that_waits_off_the_main_thread(monkeypatch):
+    """CGBN's waits announce themselves through sync_bn's collective hook on whatever thread runs them (on GPU,
+    autograd's device threads run the backward), and the longest wait is the rank's: no thread's frames are
+    read. Each collective is a new wait."""
+    monkeypatch.setattr(sys, "_current_frames", lambda: pytest.fail("read another thread's frames from Python"))
+    peers_arrived = [threading.Event(), threading.Event()]  # Horovod's handles 0 and 1 complete when set
+    monkeypatch.setattr(sync_bn.hvd, "poll", lambda handle: peers_arrived[handle].is_set())
+    monkeypatch.setattr(sync_bn.hvd, "synchronize", lambda handle: None)
+    dog = Watchdog(limit=0)
+
+    def backward_like():
+        for handle, name in enumerate(["sync_bn.0.grad", "sync_bn.1.grad"]):
+            sync_bn._allreduce_wait(sync_bn._Allreduce(handle, name), on_gpu=False)
+
+    def status_once(collective):
+        deadline = time.monotonic() + 10
+        while (status := dog.status())["collective"] != collective and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return status
+
+    waiting = threading.Thread(target=backward_like)
+    waiting.start()
+    first = status_once("sync_bn.0.grad off the main thread")
+    time.sleep(0.5)
+    same_wait = dog.status()
+    peers_arrived[0].set()
+    new_wait = status_once("sync_bn.1.grad off the main thread")
+    peers_arrived[1].set()
+    waiting.join()
+    done = dog.status()
+    assert first["collective"] == same_wait["collective"] == "sync_bn.0.grad off the main thread"
+    assert same_wait["waiting_s"] >= first["waiting_s"] + 0.5
+    assert new_wait["collective"] == "sync_bn.1.grad off the main thread"
+    assert new_wait["waiting_s"] < same_wait["waiting_s"]
+    assert done["collective"] is None and done["waiting_s"] is None
 
 
 def start_monitor(rank_pid, rank, peers, status_port):
