@@ -58,7 +58,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import shlex
 import shutil
 import signal
@@ -72,6 +71,7 @@ from pathlib import Path
 import yaml
 
 from hvd_megdet import process
+from hvd_megdet.checkpoint import write_atomic
 from hvd_megdet.config import ConfigError, load_config, merge
 from hvd_megdet.data import DatasetError, epoch_length, train_dataset
 from hvd_megdet.solver import scaled_lr
@@ -392,13 +392,6 @@ def collect(run, run_dir, returncode, wall_s, grid):
     return result
 
 
-def write_json(path, obj):
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def read_result(run_dir):
     path = Path(run_dir) / "result.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -419,7 +412,7 @@ def train_run(run, run_dir, grid, execute=execute):
     t0 = time.perf_counter()
     returncode = execute(command(run, run_dir, grid), run_dir / OUTPUT, grid.timeout)
     result = collect(run, run_dir, returncode, time.perf_counter() - t0, grid)
-    write_json(run_dir / "result.json", result)
+    write_atomic(run_dir / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
 
@@ -632,13 +625,14 @@ def plot(results, out, blocks=None):
 
 def write_reports(results, out, grid_path, blocks=None):
     """results.json (with the blocks) and results.md (the table by setting, AP by epoch, the runs) under
-    `out`."""
+    `out`, each written atomically."""
     out = Path(out)
-    write_json(out / "results.json", {"grid": str(grid_path), "blocks": blocks, "results": results})
-    (out / "results.md").write_text(
-        f"Grid `{grid_path}`, {len(results)} runs.\n\n" + table(results)
-        + "\nAP / AP50 after each epoch, mean over the seeds:\n\n" + epoch_table(results)
-        + "\nEvery run:\n\n" + run_table(results))
+    record = {"grid": str(grid_path), "blocks": blocks, "results": results}
+    write_atomic(out / "results.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+    text = (f"Grid `{grid_path}`, {len(results)} runs.\n\n" + table(results)
+            + "\nAP / AP50 after each epoch, mean over the seeds:\n\n" + epoch_table(results)
+            + "\nEvery run:\n\n" + run_table(results))
+    write_atomic(out / "results.md", lambda f: f.write(text.encode()))
 
 
 def run_grid(runs, grid, out, grid_path, execute=execute, log=print, blocks=None):
