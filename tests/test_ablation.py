@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from hvd_megdet.config import ConfigError
-from hvd_megdet.experiments import ablation
+from hvd_megdet.experiments import ablation, report
+from hvd_megdet.experiments import runs as runner  # `runs` names lists of runs here
+from hvd_megdet.experiments.grid import expand, load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = str(REPO / "configs" / "demo_shapes.yaml")
@@ -25,7 +27,7 @@ def write_grid(tmp_path, **fields):
 
 
 def expand_file(path):
-    return ablation.expand(ablation.load_grid(path))
+    return expand(load_grid(path))
 
 
 def test_expansion_merges_duplicates_and_skips_invalid_bn_groups(tmp_path):
@@ -90,14 +92,14 @@ def test_seeds_layouts_accumulation_and_the_unscaled_control(tmp_path):
 
 
 def test_commands_use_the_launcher_for_several_ranks_only(tmp_path):
-    grid = ablation.load_grid(write_grid(tmp_path, launcher=["mpirun", "-n", "{np}"]))
-    runs, _, _ = ablation.expand(grid)
+    grid = load_grid(write_grid(tmp_path, launcher=["mpirun", "-n", "{np}"]))
+    runs, _, _ = expand(grid)
     by_name = {r.name: r for r in runs}
-    one = ablation.command(by_name["b2_1x2_bn2_warmup_s0"], tmp_path / "a", grid)
-    four = ablation.command(by_name["b8_4x2_cgbn8_warmup_s0"], tmp_path / "b", grid)
+    one = runner.command(by_name["b2_1x2_bn2_warmup_s0"], tmp_path / "a", grid)
+    four = runner.command(by_name["b8_4x2_cgbn8_warmup_s0"], tmp_path / "b", grid)
     assert one[1:4] == ["-m", "hvd_megdet.train", "--config"] and one[-1] == f"output_dir={tmp_path / 'a'}"
-    assert four[:3] == ["mpirun", "-n", "4"] and four[3:] == ablation.command(by_name["b8_4x2_cgbn8_warmup_s0"],
-                                                                             tmp_path / "b", grid)[3:]
+    assert four[:3] == ["mpirun", "-n", "4"] and four[3:] == runner.command(by_name["b8_4x2_cgbn8_warmup_s0"],
+                                                                           tmp_path / "b", grid)[3:]
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -117,42 +119,42 @@ def test_commands_use_the_launcher_for_several_ranks_only(tmp_path):
 ])
 def test_bad_grid_files_name_the_key(tmp_path, fields, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        ablation.load_grid(write_grid(tmp_path, **fields))
+        load_grid(write_grid(tmp_path, **fields))
 
 
 def test_bad_trainer_override_names_the_run(tmp_path):
-    grid = ablation.load_grid(write_grid(tmp_path, overrides={"solver.base_lrr": 0.1}))
+    grid = load_grid(write_grid(tmp_path, overrides={"solver.base_lrr": 0.1}))
     with pytest.raises(ConfigError, match="unknown key solver.base_lrr"):
-        ablation.expand(grid)
+        expand(grid)
     # A step at 0.05 epochs is iteration 1 at batch 2 and 4 (24 and 12 iterations per epoch) but iteration 0,
     # which the trainer refuses, at batch 8 (6 per epoch): the first run at batch 8 is named.
-    grid = ablation.load_grid(write_grid(tmp_path, steps_epochs=[0.05]))
+    grid = load_grid(write_grid(tmp_path, steps_epochs=[0.05]))
     with pytest.raises(ConfigError, match=r"run b8_4x2_frozen_warmup_s0: .*solver.steps must be positive"):
-        ablation.expand(grid)
+        expand(grid)
 
 
 def test_paper_grid_expands_to_the_paper_setting():
-    grid = ablation.load_grid(REPO / "configs" / "ablation" / "coco_paper.yaml")
+    grid = load_grid(REPO / "configs" / "ablation" / "coco_paper.yaml")
     grid.train_images = 117266  # not counted here: the COCO annotations are not on this machine
-    runs, _, _ = ablation.expand(grid)
+    runs, _, _ = expand(grid)
     assert {r.batch for r in runs} == {16, 32, 64, 128, 256}
     for r in runs:
         assert r.ranks * 2 == r.batch and r.lr == pytest.approx(0.02 * r.batch / 16)
-        assert "--config" in ablation.command(r, Path("x"), grid)
+        assert "--config" in runner.command(r, Path("x"), grid)
 
 
 def test_divergence_detection():
     falling = [2.0 - 1.5 * i / 99 for i in range(100)]
-    assert ablation.divergence(falling, skipped=0) is None
+    assert runner.divergence(falling, skipped=0) is None
     spike = falling[:50] + [40.0] + falling[51:]
-    assert "exploded: 40 at iteration 51" in ablation.divergence(spike, skipped=0)
-    assert ablation.divergence(spike, skipped=0, explode_factor=100) is None
+    assert "exploded: 40 at iteration 51" in runner.divergence(spike, skipped=0)
+    assert runner.divergence(spike, skipped=0, explode_factor=100) is None
     rising = [1.0 + 0.01 * i for i in range(100)]
-    assert "did not decrease" in ablation.divergence(rising, skipped=0)
+    assert "did not decrease" in runner.divergence(rising, skipped=0)
     with_nan = falling[:10] + [math.nan] + falling[11:]
-    assert "1 non-finite steps skipped" in ablation.divergence(with_nan, skipped=1)
-    assert ablation.divergence(with_nan, skipped=1, max_skipped=1) is None
-    assert ablation.divergence([math.nan, math.inf], skipped=2, max_skipped=5) == "no finite loss"
+    assert "1 non-finite steps skipped" in runner.divergence(with_nan, skipped=1)
+    assert runner.divergence(with_nan, skipped=1, max_skipped=1) is None
+    assert runner.divergence([math.nan, math.inf], skipped=2, max_skipped=5) == "no finite loss"
 
 
 def fake_result(name, batch, norm, bn_images, status, ap, reason=None, warmup=True, seed=0, scaling="linear"):
@@ -173,7 +175,7 @@ def test_table_has_the_papers_columns_and_pools_the_seeds():
                fake_result("c", 128, "frozen", 0, "diverged", None, reason="loss exploded | at 3"),
                fake_result("c", 128, "frozen", 0, "converged", 1.0, seed=1),
                fake_result("d", 64, "bn", 2, "failed", None, reason="exit status 1", warmup=False)]
-    lines = ablation.table(results).splitlines()
+    lines = report.table(results).splitlines()
     assert lines[0] == ("| batch | ranks x images | BN | BN size | lr | warmup | seeds | AP | AP50 | spread AP / AP50 "
                         "| loss | converged | time |")
     assert len(lines) == 2 + 5
@@ -189,14 +191,14 @@ def test_table_has_the_papers_columns_and_pools_the_seeds():
 
     stopped = ("[1]<stderr>:error: FloatingPointError: iteration 7: non-finite loss on rank 0, 1; stopping "
                "(solver.nonfinite=stop); diagnostics in out/nonfinite_0000007.json")
-    assert ablation.brief(stopped) == "non-finite at iteration 7: non-finite loss on rank 0, 1"
-    assert ablation.brief("exit status 1") == "exit status 1" and ablation.brief(None) is None
+    assert report.brief(stopped) == "non-finite at iteration 7: non-finite loss on rank 0, 1"
+    assert report.brief("exit status 1") == "exit status 1" and report.brief(None) is None
 
-    epochs = ablation.epoch_table(results).splitlines()
+    epochs = report.epoch_table(results).splitlines()
     assert epochs[0] == "| setting | 1 | 2 |"
     assert epochs[2] == "| a | 15.2 / 25.2 | 30.5 / 50.5 |"
     assert epochs[-1] == "| d | - | - |" and epochs[-2] == "| c | - | - |"  # c: only epochs all seeds reached
-    runs = ablation.run_table(results).splitlines()
+    runs = report.run_table(results).splitlines()
     assert runs[0] == "| run | AP | AP50 | loss | time | outcome |" and len(runs) == 2 + len(results)
     assert runs[2] == "| a_s0 | 30.0 | 50.0 | 0.5 | 1.50 h | converged |"
     assert runs[6] == "| c_s0 | - | - | - | 1.50 h | diverged: loss exploded / at 3 |"
@@ -231,8 +233,8 @@ class FakeTrainer:
 def test_resume_runs_only_what_is_not_done(tmp_path):
     grid_path = write_grid(tmp_path, axes=[{"batch": [2, 4], "norm": ["frozen", "cgbn"], "title": "norms"},
                                            {"batch": [4], "norm": ["cgbn"], "title": "batch 4"}])
-    grid = ablation.load_grid(grid_path)
-    runs, _, blocks = ablation.expand(grid)
+    grid = load_grid(grid_path)
+    runs, _, blocks = expand(grid)
     names = [r.name for r in runs]
     assert names == ["b2_1x2_frozen_warmup_s0", "b2_1x2_bn2_warmup_s0", "b4_2x2_frozen_warmup_s0",
                      "b4_2x2_cgbn4_warmup_s0"]
@@ -257,7 +259,7 @@ def test_resume_runs_only_what_is_not_done(tmp_path):
     # Changing a setting (here the epochs) makes every run a new one.
     grid.epochs = 1
     third = FakeTrainer()
-    ablation.run_grid(ablation.expand(grid)[0], grid, out, grid_path, execute=third, log=lambda *a: None)
+    ablation.run_grid(expand(grid)[0], grid, out, grid_path, execute=third, log=lambda *a: None)
     assert third.calls == names
 
     saved = json.loads((out / "results.json").read_text())["results"]
@@ -268,8 +270,8 @@ def test_resume_runs_only_what_is_not_done(tmp_path):
 
 
 def test_outcomes_of_a_finished_process(tmp_path):
-    grid = ablation.load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
-    (run,), _, _ = ablation.expand(grid)
+    grid = load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
+    (run,), _, _ = expand(grid)
 
     def collect(returncode, output, losses, skipped=0):
         run_dir = tmp_path / "run"
@@ -278,7 +280,7 @@ def test_outcomes_of_a_finished_process(tmp_path):
         (run_dir / "metrics.jsonl").write_text("".join(
             json.dumps({"iteration": i + 1, "loss": x, "skipped": skipped, "time": 1.0}) + "\n"
             for i, x in enumerate(losses)))
-        return ablation.collect(run, run_dir, returncode, 1.0, grid)
+        return runner.collect(run, run_dir, returncode, 1.0, grid)
 
     falling = [2.0 - i / run.max_iter for i in range(run.max_iter)]
     assert collect(0, "", falling)["status"] == "converged"
@@ -307,13 +309,13 @@ sys.exit("error: FloatingPointError: iteration 3: non-finite loss on rank 0; sto
 
 def test_a_run_keeps_the_trainers_log_whole_and_what_it_printed(tmp_path):
     """The runner captures the trainer's output beside its log.txt, not into it."""
-    grid = ablation.load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
-    (run,), _, _ = ablation.expand(grid)
+    grid = load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
+    (run,), _, _ = expand(grid)
 
     def trainer(cmd, output_path, timeout):  # the real execute, with a stand-in for the trainer's command
-        return ablation.execute([sys.executable, "-c", TRAINER, cmd[-1]], output_path, timeout)
+        return runner.execute([sys.executable, "-c", TRAINER, cmd[-1]], output_path, timeout)
 
-    result = ablation.train_run(run, tmp_path / "run", grid, execute=trainer)
+    result = runner.train_run(run, tmp_path / "run", grid, execute=trainer)
     log = (tmp_path / "run" / "log.txt").read_text().splitlines()
     assert log == [f"[stamp] iteration {i}" for i in range(1, 4)]
     printed = (tmp_path / "run" / "output.txt").read_text().splitlines()
