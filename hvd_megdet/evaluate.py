@@ -6,18 +6,16 @@
 Writes `<output_dir>/eval/latest.json` and the detections, and prints the COCO table. The checkpoint's categories
 say which COCO category each label is; a val file that numbers them otherwise is refused.
 """
-import sys
-
 import torch
 
 from hvd_megdet import checkpoint, dist
 from hvd_megdet.categories import differences, model_categories
+from hvd_megdet.cli import command_parser, exit_on_user_error
 from hvd_megdet.config import ConfigError, load_config
 from hvd_megdet.data import build_val_loader, load_coco, val_dataset
 from hvd_megdet.engine import evaluate
 from hvd_megdet.logs import warn_once
 from hvd_megdet.model import detector_from_config
-from hvd_megdet.train import USER_ERRORS, parse_args
 
 
 def inference_model(cfg, num_classes, device):
@@ -65,12 +63,16 @@ def evaluate_checkpoint(cfg):
     return metrics
 
 
+def parse_args(argv=None):
+    parser = command_parser(__doc__, config_help="YAML config file (the one the model was trained with)",
+                            overrides_example="model.weights=CKPT")
+    return parser.parse_args(argv)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         evaluate_checkpoint(load_config(args.config, args.overrides))
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

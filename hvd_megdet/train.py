@@ -11,7 +11,6 @@ optimizer, broadcast parameters and optimizer state; then `Trainer.run` shards t
 Rank 0 alone writes, and only under output_dir. Errors end every rank with one line `error: ...`
 (docs/robustness.md lists the cases).
 """
-import argparse
 import json
 import random
 import sys
@@ -25,6 +24,7 @@ from horovod.common.exceptions import HorovodInternalError
 
 from hvd_megdet import checkpoint, dist
 from hvd_megdet import elastic as hvd_elastic
+from hvd_megdet.cli import command_parser, exit_on_user_error
 from hvd_megdet.config import ConfigError, dump, load_config, save_config, to_dict
 from hvd_megdet.data import (DatasetError, build_train_loader, build_val_loader, epoch_length, load_coco,
                              train_dataset, val_dataset)
@@ -38,13 +38,11 @@ from hvd_megdet.sync_bn import (average_running_stats, bn_group, set_allreduce_w
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser = command_parser(__doc__)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--elastic", action="store_true",
                         help="Horovod elastic mode: go on when workers are lost or added (needs horovodrun "
                              "--min-np/--max-np/--host-discovery-script)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. solver.max_iter=100")
     return parser.parse_args(argv)
 
 
@@ -348,20 +346,15 @@ def train(cfg, resume=False, elastic=False):
     return model, metrics
 
 
-# Errors in what the user gave (config, data, checkpoints): one line naming the culprit, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, checkpoint.CheckpointError)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        train(load_config(args.config, args.overrides), resume=args.resume, elastic=args.elastic)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
-    except FloatingPointError as e:  # solver.nonfinite=stop; the class name is what log scanners look for
-        sys.exit(f"error: FloatingPointError: {e}")
-    except HorovodInternalError as e:  # a peer died (elastic mode handles this itself)
-        sys.exit(f"error: {dist.lost_peer_message(e)}")
+    with exit_on_user_error():
+        try:
+            train(load_config(args.config, args.overrides), resume=args.resume, elastic=args.elastic)
+        except FloatingPointError as e:  # solver.nonfinite=stop; the class name is what log scanners look for
+            sys.exit(f"error: FloatingPointError: {e}")
+        except HorovodInternalError as e:  # a peer died (elastic mode handles this itself)
+            sys.exit(f"error: {dist.lost_peer_message(e)}")
 
 
 if __name__ == "__main__":
