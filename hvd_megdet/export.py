@@ -40,7 +40,7 @@ from hvd_megdet.checkpoint import write_atomic
 from hvd_megdet.cli import command_parser, exit_on_user_error
 from hvd_megdet.config import ConfigError, inference_min_size, load_config
 from hvd_megdet.data.transforms import resize_scale
-from hvd_megdet.evaluate import inference_model
+from hvd_megdet.inference import inference_model
 
 
 class ShortestSideResizeTransform(GeneralizedRCNNTransform):

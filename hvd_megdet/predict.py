@@ -40,7 +40,7 @@ from hvd_megdet.data import CocoDetection, DatasetError, InferenceShard, build_t
 from hvd_megdet.data.coco import read_rgb
 from hvd_megdet.data.transforms import image_to_tensor
 from hvd_megdet.engine import inference
-from hvd_megdet.evaluate import inference_model, start_inference
+from hvd_megdet.inference import inference_model, start_inference
 from hvd_megdet.logs import warn, warn_once
 from hvd_megdet.visualize import PREDICTION_COLOUR, TRUTH_COLOUR, draw_boxes, save_png, side_by_side
 
