@@ -1,4 +1,5 @@
-"""Distribution has one home: Horovod set-up, rank queries and the few collectives the trainer needs.
+"""Distribution has one home: Horovod set-up, the distributed optimizer, rank queries and the few collectives
+the trainer needs.
 
 A process started without horovodrun is rank 0 of a world of 1 (Horovod handles that itself), so the
 trainer, evaluator and tests run the same code single-process and under `horovodrun -np N`.
@@ -13,6 +14,7 @@ import threading
 import horovod.torch as hvd
 import torch
 
+from hvd_megdet.solver import build_optimizer, global_batch, scaled_lr
 from hvd_megdet.sync_bn import bn_process_sets
 from hvd_megdet.watchdog import Watchdog
 
@@ -73,6 +75,20 @@ def exit_skipping_native_teardown(code=0):
 def static_bn_sets():
     """The BN groups' process sets init() registered statically, or None (dynamic registration, or none)."""
     return list(_static_bn_sets) or None
+
+
+def distributed_optimizer(model, solver, name_prefix=""):
+    """SGD for `model` at the lr of the global batch (MegDet's linear scaling rule, solver.scaled_lr), wrapped
+    in hvd.DistributedOptimizer: gradients averaged over the ranks by allreduce during the backward pass, as
+    each becomes ready (or, with solver.allreduce_groups = k, in k groups, each once all its gradients are),
+    after solver.backward_passes_per_step passes. `name_prefix` keeps the allreduce names of several models
+    in one process apart."""
+    lr = scaled_lr(solver.base_lr, solver.base_batch, global_batch(solver, size()))
+    return hvd.DistributedOptimizer(
+        build_optimizer(model, solver, lr),
+        named_parameters=[(name_prefix + name, p) for name, p in model.named_parameters()],
+        compression=hvd.Compression.fp16 if solver.fp16_allreduce else hvd.Compression.none,
+        backward_passes_per_step=solver.backward_passes_per_step, num_groups=solver.allreduce_groups)
 
 
 def rank():

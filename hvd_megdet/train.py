@@ -31,8 +31,7 @@ from hvd_megdet.data import (DatasetError, build_train_loader, build_val_loader,
 from hvd_megdet.engine import evaluate, grad_scaler, next_batch, precise_bn, to_device, train_step
 from hvd_megdet.logs import MetricsWriter, log, log_to_file
 from hvd_megdet.model import detector_from_config
-from hvd_megdet.solver import (build_optimizer, describe_scaling, global_batch, init_optimizer_state, lr_at,
-                               scaled_lr, set_lr)
+from hvd_megdet.solver import describe_scaling, global_batch, init_optimizer_state, lr_at, set_lr
 from hvd_megdet.sync_bn import (average_running_stats, bn_group, set_allreduce_wait,
                                 use_fused_cuda_kernels)
 
@@ -86,20 +85,6 @@ def restore_latest(out, model, optimizer):
         log("the config's optimizer settings replace the checkpoint's: " + "; ".join(changed))
     return {"iteration": int(state["iteration"]), "skipped": int(state.get("skipped", 0)),
             "overflows": int(state.get("overflows", 0)), "rng": state.get("rng"), "scaler": state.get("scaler")}, None
-
-
-def distributed_optimizer(model, solver, name_prefix=""):
-    """SGD for `model` at the lr of the global batch (MegDet's linear scaling rule, solver.scaled_lr), wrapped
-    in hvd.DistributedOptimizer: gradients averaged over the ranks by allreduce during the backward pass, as
-    each becomes ready (or, with solver.allreduce_groups = k, in k groups, each once all its gradients are),
-    after solver.backward_passes_per_step passes. `name_prefix` keeps the allreduce names of several models
-    in one process apart."""
-    lr = scaled_lr(solver.base_lr, solver.base_batch, global_batch(solver, dist.size()))
-    return hvd.DistributedOptimizer(
-        build_optimizer(model, solver, lr),
-        named_parameters=[(name_prefix + name, p) for name, p in model.named_parameters()],
-        compression=hvd.Compression.fp16 if solver.fp16_allreduce else hvd.Compression.none,
-        backward_passes_per_step=solver.backward_passes_per_step, num_groups=solver.allreduce_groups)
 
 
 @dataclass
@@ -296,7 +281,7 @@ def train(cfg, resume=False, elastic=False):
                                  channels_last=cfg.channels_last).to(device)
 
     # Horovod: scale the lr by the world size (MegDet's linear scaling rule), average gradients by allreduce.
-    optimizer = distributed_optimizer(model, cfg.solver)
+    optimizer = dist.distributed_optimizer(model, cfg.solver)
     init_optimizer_state(optimizer)
     scaler = grad_scaler(device, cfg.amp)
 

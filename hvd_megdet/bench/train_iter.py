@@ -190,7 +190,7 @@ def run(args):
     from hvd_megdet.engine import next_batch, to_device, train_step
     from hvd_megdet.data import train_dataset
     from hvd_megdet.model import detector_from_config
-    from hvd_megdet.train import bn_process_set, distributed_optimizer
+    from hvd_megdet.train import bn_process_set
 
     if args.trace:
         args.trace.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def run(args):
                                       norm=kind, process_set=process_set).train()
             # Horovod: average gradients as the trainer does; names prefixed so the models' allreduces never
             # share a name.
-            optimizer = distributed_optimizer(model, cfg.solver, name_prefix=f"{norm}.")
+            optimizer = dist.distributed_optimizer(model, cfg.solver, name_prefix=f"{norm}.")
             # Horovod: every rank starts from rank 0's weights.
             hvd.broadcast_parameters({f"{norm}.{k}": v for k, v in model.state_dict().items()}, root_rank=0)
             models[norm], optimizers[norm], clocks[norm] = model, optimizer, _Clock(model, optimizer)
