@@ -32,8 +32,7 @@ from hvd_megdet.engine import evaluate, grad_scaler, next_batch, precise_bn, to_
 from hvd_megdet.logs import MetricsWriter, log, log_to_file
 from hvd_megdet.model import detector_from_config
 from hvd_megdet.solver import describe_scaling, global_batch, init_optimizer_state, lr_at, set_lr
-from hvd_megdet.sync_bn import (average_running_stats, bn_group, set_allreduce_wait,
-                                use_fused_cuda_kernels)
+from hvd_megdet.sync_bn import average_running_stats, set_allreduce_wait, use_fused_cuda_kernels
 
 
 def parse_args(argv=None):
@@ -43,24 +42,6 @@ def parse_args(argv=None):
                         help="Horovod elastic mode: go on when workers are lost or added (needs horovodrun "
                              "--min-np/--max-np/--host-discovery-script)")
     return parser.parse_args(argv)
-
-
-def bn_process_set(bn_group_size, elastic):
-    """This rank's CGBN process set (sync_bn.bn_group) for groups of `bn_group_size` ranks (0 = all ranks).
-
-    A size that does not divide the world size is a ConfigError; in elastic mode, where the world size
-    changes, the largest divisor of the world size below it is used instead. Elastic mode logs the groups.
-    """
-    world = dist.size()
-    k = bn_group_size or world
-    if world % k:
-        if not elastic:
-            raise ConfigError(f"model.bn_group_size={bn_group_size} does not divide the world size {world}")
-        k = max(d for d in range(1, min(k, world) + 1) if world % d == 0)
-        log(f"warning: model.bn_group_size={bn_group_size} does not divide the world size {world}")
-    if elastic:
-        log(f"BN groups of {k} of the {world} ranks")
-    return bn_group(k, None if elastic else dist.static_bn_sets())
 
 
 def restore_latest(out, model, optimizer):
@@ -259,7 +240,7 @@ def train(cfg, resume=False, elastic=False):
         raise ConfigError("--elastic needs an elastic horovodrun: horovodrun --min-np N --max-np M "
                           "--host-discovery-script SCRIPT ...")
     # Horovod: initialize the library (and, in a job of several ranks, the watchdog that ends a stalled job).
-    dist.init(stall_limit=cfg.stall_limit, elastic=elastic, bn_group_size=cfg.model.bn_group_size)
+    bn_groups = dist.init(stall_limit=cfg.stall_limit, elastic=elastic, bn_group_size=cfg.model.bn_group_size)
     # Horovod: pin this process to its local GPU (CPU: split the cores between local ranks).
     device = dist.device_for(cfg.device)
     if device.type == "cpu":
@@ -277,7 +258,7 @@ def train(cfg, resume=False, elastic=False):
         + ", ".join(f"{n} {what}" for what, n in train_set.dropped.items()))
     num_classes = len(train_set.label_to_cat_id)  # K categories + background
     # CGBN groups of model.bn_group_size consecutive ranks (0 = all ranks); every rank registers all groups.
-    model = detector_from_config(cfg.model, num_classes, process_set=bn_process_set(cfg.model.bn_group_size, elastic),
+    model = detector_from_config(cfg.model, num_classes, process_set=bn_groups.process_set(log),
                                  channels_last=cfg.channels_last).to(device)
 
     # Horovod: scale the lr by the world size (MegDet's linear scaling rule), average gradients by allreduce.
@@ -321,7 +302,7 @@ def train(cfg, resume=False, elastic=False):
         if elastic:
             def on_reset():
                 # Horovod: re-initialization dropped the BN process sets; register the groups of the new world.
-                hvd_elastic.set_process_set(model, bn_process_set(cfg.model.bn_group_size, elastic=True))
+                hvd_elastic.set_process_set(model, bn_groups.process_set(log))
 
             metrics = hvd_elastic.run(trainer.run, model, optimizer, scaler, on_reset, **asdict(progress))
         else:
