@@ -1,4 +1,5 @@
-"""Distribution has one home: Horovod set-up, rank queries and the few collectives the trainer needs.
+"""Distribution has one home: Horovod set-up, CGBN groups' process sets, the distributed optimizer, rank queries
+and the few collectives the trainer needs.
 
 A process started without horovodrun is rank 0 of a world of 1 (Horovod handles that itself), so the
 trainer, evaluator and tests run the same code single-process and under `horovodrun -np N`.
@@ -9,25 +10,67 @@ import faulthandler
 import os
 import sys
 import threading
+from typing import NamedTuple
 
 import horovod.torch as hvd
 import torch
 
-from hvd_megdet.sync_bn import bn_process_sets
+from hvd_megdet.config import ConfigError
+from hvd_megdet.solver import build_optimizer, global_batch, scaled_lr
+from hvd_megdet.sync_bn import bn_group, bn_process_sets
 from hvd_megdet.watchdog import Watchdog
 
 _watchdog = {"dog": None}  # this rank's Watchdog, started by init() in a non-elastic job of several ranks
-_static_bn_sets = []  # the BN groups' process sets that init() registered, for sync_bn.bn_group
+
+
+class BNGroups(NamedTuple):
+    """CGBN groups of `size` consecutive ranks (model.bn_group_size; 0 = all ranks) and how Horovod knows
+    their process sets: the one place that decides both. `bn_groups` makes it before hvd.init, `init` registers
+    what it says and returns it, and `process_set` gives this rank's set, at start-up and after each elastic
+    reset."""
+    size: int
+    elastic: bool  # the world size may change: groups are registered again after each reset
+    dynamic: bool  # hvd.init(process_sets="dynamic"): `process_set` registers the groups after init
+    static: tuple  # the process sets hvd.init registers (empty: none)
+
+    def process_set(self, report):
+        """This rank's process set (sync_bn.bn_group) in the world Horovod has now; call it on every rank, once
+        after init and once after each elastic reset. A size that does not divide the world size is a
+        ConfigError; in elastic mode, where the world size changes, the largest divisor of the world size below
+        it is used instead, and `report` (a log function) says so. Elastic mode reports the groups."""
+        world = hvd.size()
+        k = self.size or world
+        if world % k:
+            if not self.elastic:
+                raise ConfigError(f"model.bn_group_size={self.size} does not divide the world size {world}")
+            k = max(d for d in range(1, min(k, world) + 1) if world % d == 0)
+            report(f"warning: model.bn_group_size={self.size} does not divide the world size {world}")
+        if self.elastic:
+            report(f"BN groups of {k} of the {world} ranks")
+        return bn_group(k, list(self.static) or None)
+
+
+def bn_groups(size, elastic, world):
+    """The BNGroups of CGBN groups of `size` ranks (0 = all) in a world of `world` ranks (0: not known before
+    hvd.init).
+
+    Process sets cost synchronization in every collective (Horovod's docs), dynamic ones the most, so: none
+    (plain hvd.init()) when the groups span the world or are single ranks; static sets, registered at init, for
+    groups in between; dynamic ones only in elastic mode, where the world size changes, or when the world size
+    is not known before init (mpirun). A size that does not divide the world gets no set here and is refused
+    by `BNGroups.process_set`, on every rank.
+    """
+    if elastic or (not world and size > 1):
+        return BNGroups(size, elastic, dynamic=True, static=())
+    if size in (0, 1, world) or world % size:
+        return BNGroups(size, elastic, dynamic=False, static=())
+    return BNGroups(size, elastic, dynamic=False, static=tuple(bn_process_sets(size, world)))
 
 
 def init(stall_limit=0, elastic=False, bn_group_size=0):
-    """Initialise Horovod, with the process sets that CGBN groups of `bn_group_size` ranks (0 = all) need.
-
-    Process sets cost synchronization in every collective (Horovod's docs), dynamic ones the most, so: plain
-    hvd.init() when the groups span the world or are single ranks (no set is needed); static sets, registered
-    at init from the world size horovodrun exports (HOROVOD_SIZE), for groups in between; dynamic ones only in
-    elastic mode, where the world size changes, or when the world size is not known before init (mpirun).
-    A size that does not divide the world gets plain init here and is refused by the caller, on every rank.
+    """Initialise Horovod, with the process sets that CGBN groups of `bn_group_size` ranks (0 = all) need
+    (`bn_groups`, from the world size horovodrun exports, HOROVOD_SIZE); returns that BNGroups, which gives
+    this rank's process set.
 
     In a job of several ranks that is not elastic, also start this rank's watchdog (hvd_megdet.watchdog): it
     names the ranks that exited or hang when a collective fails, and with `stall_limit` > 0 ends the job,
@@ -38,21 +81,21 @@ def init(stall_limit=0, elastic=False, bn_group_size=0):
     # A crash in native code (Horovod, Gloo, torch) prints every thread's Python stack before the process dies
     # (to the process's own stderr: sys.stderr may be replaced by an object without a file descriptor).
     faulthandler.enable(file=sys.__stderr__, all_threads=True)
-    world = int(os.environ.get("HOROVOD_SIZE", 0))  # 0: not known before init
-    if elastic or (not world and bn_group_size > 1):
+    groups = bn_groups(bn_group_size, elastic, int(os.environ.get("HOROVOD_SIZE", 0)))  # 0: not known yet
+    if groups.dynamic:
         hvd.init(process_sets="dynamic")
-    elif bn_group_size in (0, 1, world) or world % bn_group_size:
-        hvd.init()
+    elif groups.static:
+        hvd.init(process_sets=list(groups.static))
     else:
-        _static_bn_sets[:] = bn_process_sets(bn_group_size, world)
-        hvd.init(process_sets=_static_bn_sets)
+        hvd.init()
     if hvd.size() == 1 or elastic:
-        return
+        return groups
     if _watchdog["dog"] is None:  # once per process: the first call's stall_limit holds
         dog = Watchdog(stall_limit)
         # Horovod: every rank's host, pid and the address of its watchdog's monitor, to every rank.
         dog.start(hvd.rank(), gather_object(dog.card(), name="watchdog_peers"))
         _watchdog["dog"] = dog
+    return groups
 
 
 def exit_skipping_native_teardown(code=0):
@@ -70,9 +113,18 @@ def exit_skipping_native_teardown(code=0):
     os._exit(code)
 
 
-def static_bn_sets():
-    """The BN groups' process sets init() registered statically, or None (dynamic registration, or none)."""
-    return list(_static_bn_sets) or None
+def distributed_optimizer(model, solver, name_prefix=""):
+    """SGD for `model` at the lr of the global batch (MegDet's linear scaling rule, solver.scaled_lr), wrapped
+    in hvd.DistributedOptimizer: gradients averaged over the ranks by allreduce during the backward pass, as
+    each becomes ready (or, with solver.allreduce_groups = k, in k groups, each once all its gradients are),
+    after solver.backward_passes_per_step passes. `name_prefix` keeps the allreduce names of several models
+    in one process apart."""
+    lr = scaled_lr(solver.base_lr, solver.base_batch, global_batch(solver, size()))
+    return hvd.DistributedOptimizer(
+        build_optimizer(model, solver, lr),
+        named_parameters=[(name_prefix + name, p) for name, p in model.named_parameters()],
+        compression=hvd.Compression.fp16 if solver.fp16_allreduce else hvd.Compression.none,
+        backward_passes_per_step=solver.backward_passes_per_step, num_groups=solver.allreduce_groups)
 
 
 def rank():

@@ -6,39 +6,14 @@
 Writes `<output_dir>/eval/latest.json` and the detections, and prints the COCO table. The checkpoint's categories
 say which COCO category each label is; a val file that numbers them otherwise is refused.
 """
-import sys
-
-import torch
-
 from hvd_megdet import checkpoint, dist
 from hvd_megdet.categories import differences, model_categories
+from hvd_megdet.cli import command_parser, exit_on_user_error
 from hvd_megdet.config import ConfigError, load_config
 from hvd_megdet.data import build_val_loader, load_coco, val_dataset
 from hvd_megdet.engine import evaluate
+from hvd_megdet.inference import inference_model, start_inference
 from hvd_megdet.logs import warn_once
-from hvd_megdet.model import detector_from_config
-from hvd_megdet.train import USER_ERRORS, parse_args
-
-
-def inference_model(cfg, num_classes, device):
-    """The detector of `cfg` loaded from `cfg.model.weights`, in eval mode on `device`. Inference uses running
-    statistics only, so CGBN layers become plain BN: no collective per layer. A missing or unfitting weights
-    file raises CheckpointError naming it."""
-    norm = "bn" if cfg.model.norm == "cgbn" else cfg.model.norm
-    model = detector_from_config(cfg.model, num_classes, norm=norm, channels_last=cfg.channels_last)
-    return model.to(device).eval()
-
-
-def start_inference(cfg, command):
-    """Check that `cfg` names model.weights (else ConfigError naming `command`), initialise Horovod (a world of 1
-    without horovodrun) and return this rank's device; on CPU the host's cores are shared among its ranks."""
-    if not cfg.model.weights:
-        raise ConfigError(f"{command} needs model.weights=CHECKPOINT")
-    dist.init()
-    device = dist.device_for(cfg.device)
-    if device.type == "cpu":
-        torch.set_num_threads(dist.torch_threads_per_rank())
-    return device
 
 
 def evaluate_checkpoint(cfg):
@@ -65,12 +40,16 @@ def evaluate_checkpoint(cfg):
     return metrics
 
 
+def parse_args(argv=None):
+    parser = command_parser(__doc__, config_help="YAML config file (the one the model was trained with)",
+                            overrides_example="model.weights=CKPT")
+    return parser.parse_args(argv)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         evaluate_checkpoint(load_config(args.config, args.overrides))
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

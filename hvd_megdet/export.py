@@ -25,9 +25,7 @@ torchvision's anchors: fasterrcnn_resnet50_fpn; the _v2 builder has a two-conv R
 resizes differently. TorchScript is deprecated in torch 2.x (a FutureWarning, silenced here; loading still
 prints it) but scripts, saves and loads in torch 2.14.
 """
-import argparse
 import dataclasses
-import sys
 import warnings
 from typing import Optional
 
@@ -39,10 +37,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from hvd_megdet import model as hvd_model
 from hvd_megdet.categories import model_categories
 from hvd_megdet.checkpoint import write_atomic
+from hvd_megdet.cli import command_parser, exit_on_user_error
 from hvd_megdet.config import ConfigError, inference_min_size, load_config
 from hvd_megdet.data.transforms import resize_scale
-from hvd_megdet.evaluate import inference_model
-from hvd_megdet.train import USER_ERRORS
+from hvd_megdet.inference import inference_model
 
 
 class ShortestSideResizeTransform(GeneralizedRCNNTransform):
@@ -118,19 +116,16 @@ def export(cfg, output):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config file (the one the model was trained with)")
+    parser = command_parser(__doc__, config_help="YAML config file (the one the model was trained with)",
+                            overrides_example="model.weights=CKPT")
     parser.add_argument("--output", required=True, help="the TorchScript file to write (e.g. detector.pt)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.weights=CKPT")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         scripted = export(load_config(args.config, args.overrides), args.output)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
     print(f"exported to {args.output}: TorchScript, {len(scripted.category_names) - 1} categories; "
           "load it with torch.jit.load (no hvd_megdet needed)")
 

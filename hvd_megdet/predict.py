@@ -21,9 +21,7 @@ config's annotation files, with a warning. An input that cannot be used (missing
 many pixels to decode safely) is named in a warning and skipped; gray, RGBA and 16-bit images are read as 8-bit
 RGB, as in training.
 """
-import argparse
 import json
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +34,14 @@ from torchvision.ops import box_convert
 from hvd_megdet import dist
 from hvd_megdet.categories import differences, model_categories
 from hvd_megdet.checkpoint import write_atomic
+from hvd_megdet.cli import command_parser, exit_on_user_error
 from hvd_megdet.config import ConfigError, inference_min_size, load_config
 from hvd_megdet.data import CocoDetection, DatasetError, InferenceShard, build_transforms
 from hvd_megdet.data.coco import read_rgb
 from hvd_megdet.data.transforms import image_to_tensor
 from hvd_megdet.engine import inference
-from hvd_megdet.evaluate import inference_model, start_inference
+from hvd_megdet.inference import inference_model, start_inference
 from hvd_megdet.logs import warn, warn_once
-from hvd_megdet.train import USER_ERRORS
 from hvd_megdet.visualize import PREDICTION_COLOUR, TRUTH_COLOUR, draw_boxes, save_png, side_by_side
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -200,8 +198,8 @@ def predict(cfg, inputs, output, score_threshold=0.5, image_dir=None, max_images
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config file (the one the model was trained with)")
+    parser = command_parser(__doc__, config_help="YAML config file (the one the model was trained with)",
+                            overrides_example="model.weights=CKPT")
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders of them, COCO *.json files")
     parser.add_argument("--output", required=True, help="folder for the drawings and predictions.json")
     parser.add_argument("--score-threshold", type=float, default=0.5,
@@ -209,7 +207,6 @@ def parse_args(argv=None):
     parser.add_argument("--image-dir", help="folder of the images of the COCO *.json inputs (default: the "
                                             "config's, for its own annotation files)")
     parser.add_argument("--max-images", type=int, default=0, help="only the first N images of the inputs (0 = all)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.weights=CKPT")
     args = parser.parse_intermixed_args(argv)
     if not 0.0 <= args.score_threshold <= 1.0:
         parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
@@ -220,11 +217,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         predict(load_config(args.config, args.overrides), args.input, args.output, args.score_threshold,
                 args.image_dir, args.max_images)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

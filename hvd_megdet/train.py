@@ -11,7 +11,6 @@ optimizer, broadcast parameters and optimizer state; then `Trainer.run` shards t
 Rank 0 alone writes, and only under output_dir. Errors end every rank with one line `error: ...`
 (docs/robustness.md lists the cases).
 """
-import argparse
 import json
 import random
 import sys
@@ -25,45 +24,24 @@ from horovod.common.exceptions import HorovodInternalError
 
 from hvd_megdet import checkpoint, dist
 from hvd_megdet import elastic as hvd_elastic
+from hvd_megdet.cli import command_parser, exit_on_user_error
 from hvd_megdet.config import ConfigError, dump, load_config, save_config, to_dict
 from hvd_megdet.data import (DatasetError, build_train_loader, build_val_loader, epoch_length, load_coco,
                              train_dataset, val_dataset)
 from hvd_megdet.engine import evaluate, grad_scaler, next_batch, precise_bn, to_device, train_step
 from hvd_megdet.logs import MetricsWriter, log, log_to_file
 from hvd_megdet.model import detector_from_config
-from hvd_megdet.solver import (build_optimizer, describe_scaling, global_batch, init_optimizer_state, lr_at,
-                               scaled_lr, set_lr)
-from hvd_megdet.sync_bn import (average_running_stats, bn_group, set_allreduce_wait,
-                                use_fused_cuda_kernels)
+from hvd_megdet.solver import describe_scaling, global_batch, init_optimizer_state, lr_at, set_lr
+from hvd_megdet.sync_bn import average_running_stats, set_allreduce_wait, use_fused_cuda_kernels
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser = command_parser(__doc__)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--elastic", action="store_true",
                         help="Horovod elastic mode: go on when workers are lost or added (needs horovodrun "
                              "--min-np/--max-np/--host-discovery-script)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. solver.max_iter=100")
     return parser.parse_args(argv)
-
-
-def bn_process_set(bn_group_size, elastic):
-    """This rank's CGBN process set (sync_bn.bn_group) for groups of `bn_group_size` ranks (0 = all ranks).
-
-    A size that does not divide the world size is a ConfigError; in elastic mode, where the world size
-    changes, the largest divisor of the world size below it is used instead. Elastic mode logs the groups.
-    """
-    world = dist.size()
-    k = bn_group_size or world
-    if world % k:
-        if not elastic:
-            raise ConfigError(f"model.bn_group_size={bn_group_size} does not divide the world size {world}")
-        k = max(d for d in range(1, min(k, world) + 1) if world % d == 0)
-        log(f"warning: model.bn_group_size={bn_group_size} does not divide the world size {world}")
-    if elastic:
-        log(f"BN groups of {k} of the {world} ranks")
-    return bn_group(k, None if elastic else dist.static_bn_sets())
 
 
 def restore_latest(out, model, optimizer):
@@ -88,20 +66,6 @@ def restore_latest(out, model, optimizer):
         log("the config's optimizer settings replace the checkpoint's: " + "; ".join(changed))
     return {"iteration": int(state["iteration"]), "skipped": int(state.get("skipped", 0)),
             "overflows": int(state.get("overflows", 0)), "rng": state.get("rng"), "scaler": state.get("scaler")}, None
-
-
-def distributed_optimizer(model, solver, name_prefix=""):
-    """SGD for `model` at the lr of the global batch (MegDet's linear scaling rule, solver.scaled_lr), wrapped
-    in hvd.DistributedOptimizer: gradients averaged over the ranks by allreduce during the backward pass, as
-    each becomes ready (or, with solver.allreduce_groups = k, in k groups, each once all its gradients are),
-    after solver.backward_passes_per_step passes. `name_prefix` keeps the allreduce names of several models
-    in one process apart."""
-    lr = scaled_lr(solver.base_lr, solver.base_batch, global_batch(solver, dist.size()))
-    return hvd.DistributedOptimizer(
-        build_optimizer(model, solver, lr),
-        named_parameters=[(name_prefix + name, p) for name, p in model.named_parameters()],
-        compression=hvd.Compression.fp16 if solver.fp16_allreduce else hvd.Compression.none,
-        backward_passes_per_step=solver.backward_passes_per_step, num_groups=solver.allreduce_groups)
 
 
 @dataclass
@@ -276,7 +240,7 @@ def train(cfg, resume=False, elastic=False):
         raise ConfigError("--elastic needs an elastic horovodrun: horovodrun --min-np N --max-np M "
                           "--host-discovery-script SCRIPT ...")
     # Horovod: initialize the library (and, in a job of several ranks, the watchdog that ends a stalled job).
-    dist.init(stall_limit=cfg.stall_limit, elastic=elastic, bn_group_size=cfg.model.bn_group_size)
+    bn_groups = dist.init(stall_limit=cfg.stall_limit, elastic=elastic, bn_group_size=cfg.model.bn_group_size)
     # Horovod: pin this process to its local GPU (CPU: split the cores between local ranks).
     device = dist.device_for(cfg.device)
     if device.type == "cpu":
@@ -294,11 +258,11 @@ def train(cfg, resume=False, elastic=False):
         + ", ".join(f"{n} {what}" for what, n in train_set.dropped.items()))
     num_classes = len(train_set.label_to_cat_id)  # K categories + background
     # CGBN groups of model.bn_group_size consecutive ranks (0 = all ranks); every rank registers all groups.
-    model = detector_from_config(cfg.model, num_classes, process_set=bn_process_set(cfg.model.bn_group_size, elastic),
+    model = detector_from_config(cfg.model, num_classes, process_set=bn_groups.process_set(log),
                                  channels_last=cfg.channels_last).to(device)
 
     # Horovod: scale the lr by the world size (MegDet's linear scaling rule), average gradients by allreduce.
-    optimizer = distributed_optimizer(model, cfg.solver)
+    optimizer = dist.distributed_optimizer(model, cfg.solver)
     init_optimizer_state(optimizer)
     scaler = grad_scaler(device, cfg.amp)
 
@@ -338,7 +302,7 @@ def train(cfg, resume=False, elastic=False):
         if elastic:
             def on_reset():
                 # Horovod: re-initialization dropped the BN process sets; register the groups of the new world.
-                hvd_elastic.set_process_set(model, bn_process_set(cfg.model.bn_group_size, elastic=True))
+                hvd_elastic.set_process_set(model, bn_groups.process_set(log))
 
             metrics = hvd_elastic.run(trainer.run, model, optimizer, scaler, on_reset, **asdict(progress))
         else:
@@ -348,20 +312,15 @@ def train(cfg, resume=False, elastic=False):
     return model, metrics
 
 
-# Errors in what the user gave (config, data, checkpoints): one line naming the culprit, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, checkpoint.CheckpointError)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        train(load_config(args.config, args.overrides), resume=args.resume, elastic=args.elastic)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
-    except FloatingPointError as e:  # solver.nonfinite=stop; the class name is what log scanners look for
-        sys.exit(f"error: FloatingPointError: {e}")
-    except HorovodInternalError as e:  # a peer died (elastic mode handles this itself)
-        sys.exit(f"error: {dist.lost_peer_message(e)}")
+    with exit_on_user_error():
+        try:
+            train(load_config(args.config, args.overrides), resume=args.resume, elastic=args.elastic)
+        except FloatingPointError as e:  # solver.nonfinite=stop; the class name is what log scanners look for
+            sys.exit(f"error: FloatingPointError: {e}")
+        except HorovodInternalError as e:  # a peer died (elastic mode handles this itself)
+            sys.exit(f"error: {dist.lost_peer_message(e)}")
 
 
 if __name__ == "__main__":

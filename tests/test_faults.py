@@ -40,6 +40,7 @@ def _scenarios(runs):
     import horovod.torch as hvd
 
     from hvd_megdet import train as trainer
+    from hvd_megdet.cli import USER_ERRORS
     from hvd_megdet.config import load_config
 
     build = trainer.detector_from_config
@@ -64,7 +65,7 @@ def _scenarios(runs):
         try:
             model, _ = trainer.train(load_config(CONFIG, argv), resume=options.get("resume", False))
             outcomes[name] = {"digest": digest(model.state_dict())}
-        except (FloatingPointError, *trainer.USER_ERRORS) as e:
+        except (FloatingPointError, *USER_ERRORS) as e:
             outcomes[name] = {"error": f"{e.__class__.__name__}: {e}"}
     return outcomes
 

@@ -190,13 +190,13 @@ def run(args):
     from hvd_megdet.engine import next_batch, to_device, train_step
     from hvd_megdet.data import train_dataset
     from hvd_megdet.model import detector_from_config
-    from hvd_megdet.train import bn_process_set, distributed_optimizer
+    from hvd_megdet.logs import log
 
     if args.trace:
         args.trace.mkdir(parents=True, exist_ok=True)
         # Horovod: the timeline must be named before hvd.init; rank 0 writes it.
         os.environ["HOROVOD_TIMELINE"] = str(args.trace.resolve() / "horovod_timeline.json")
-    dist.init()
+    bn_groups = dist.init()
     torch.set_num_threads(dist.torch_threads_per_rank())
     with tempfile.TemporaryDirectory() as tmp:
         # Every rank generates the same files (deterministic), so no rank waits on another's file system.
@@ -207,14 +207,14 @@ def run(args):
         train_set = train_dataset(cfg)
         num_classes = len(train_set.label_to_cat_id)
         models, optimizers, clocks = {}, {}, {}
-        process_set = bn_process_set(0, elastic=False)
+        process_set = bn_groups.process_set(log)
         for norm, (kind, two_phase) in VARIANTS.items():  # the same order on every rank: CGBN names its
             torch.manual_seed(cfg.seed)                      # collectives by layer creation order
             model = detector_from_config(dataclasses.replace(cfg.model, two_phase=two_phase), num_classes,
                                       norm=kind, process_set=process_set).train()
             # Horovod: average gradients as the trainer does; names prefixed so the models' allreduces never
             # share a name.
-            optimizer = distributed_optimizer(model, cfg.solver, name_prefix=f"{norm}.")
+            optimizer = dist.distributed_optimizer(model, cfg.solver, name_prefix=f"{norm}.")
             # Horovod: every rank starts from rank 0's weights.
             hvd.broadcast_parameters({f"{norm}.{k}": v for k, v in model.state_dict().items()}, root_rank=0)
             models[norm], optimizers[norm], clocks[norm] = model, optimizer, _Clock(model, optimizer)

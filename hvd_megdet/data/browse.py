@@ -9,14 +9,13 @@ grouped by aspect ratio, each image with the resize and flip drawn for it); `--s
 validation images at the test size. Writes `DIR/<split>_<k>_<image id>.png` and prints how many boxes of
 each category were drawn.
 """
-import argparse
 import collections
 import itertools
-import sys
 from pathlib import Path
 
+from hvd_megdet.cli import command_parser, exit_on_user_error
 from hvd_megdet.config import ConfigError, inference_min_size, load_config
-from hvd_megdet.data import DatasetError, build_train_loader, build_val_loader, train_dataset, val_dataset
+from hvd_megdet.data import build_train_loader, build_val_loader, train_dataset, val_dataset
 from hvd_megdet.visualize import TRUTH_COLOUR, draw_boxes, save_png
 
 
@@ -43,12 +42,10 @@ def browse(cfg, split, output, n=16):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser = command_parser(__doc__, overrides_example="input.min_size=400")
     parser.add_argument("--split", choices=("train", "val"), default="train")
     parser.add_argument("--output", required=True, help="folder for the drawings")
     parser.add_argument("-n", type=int, default=16, help="how many images (default 16)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. input.min_size=400")
     args = parser.parse_intermixed_args(argv)
     if args.n < 1:
         parser.error(f"-n must be at least 1, got {args.n}")
@@ -57,11 +54,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         cfg = load_config(args.config, args.overrides)
         drawn, counts = browse(cfg, args.split, args.output, args.n)
-    except (ConfigError, DatasetError) as e:
-        sys.exit(f"error: {e}")
     inp = cfg.input
     sizes = inp.min_size if args.split == "train" else [inference_min_size(inp)]
     flip = f", flipped with p={inp.flip_prob:g}" if args.split == "train" else ""
