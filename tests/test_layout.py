@@ -10,8 +10,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "hvd_megdet"
 COMMANDS = {"hvd_megdet.train", "hvd_megdet.evaluate", "hvd_megdet.predict", "hvd_megdet.export",
-            "hvd_megdet.data.browse"} | {f"hvd_megdet.bench.{p.stem}" for p in (PACKAGE / "bench").glob("*.py")
-                                         if p.stem != "__init__"}
+            "hvd_megdet.data.browse", "hvd_megdet.experiments.ablation"} | \
+           {f"hvd_megdet.bench.{p.stem}" for p in (PACKAGE / "bench").glob("*.py") if p.stem != "__init__"}
 
 
 def module_name(path):
