@@ -90,7 +90,7 @@ def test_status_names_a_collective_that_waits_off_the_main_thread(monkeypatch):
 
     def backward_like():
         for handle, name in enumerate(["sync_bn.0.grad", "sync_bn.1.grad"]):
-            sync_bn._allreduce_wait(sync_bn._Allreduce(handle, name), on_gpu=False)
+            sync_bn._allreduce_wait(sync_bn._Allreduce(handle, name), poll=20e-6)
 
     def status_once(collective):
         deadline = time.monotonic() + 10

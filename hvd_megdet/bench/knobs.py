@@ -82,7 +82,8 @@ def probe(iters):
 
     def allreduce_batch():  # 10 back-to-back allreduces, waited for as CGBN waits; spreads the barrier's cost
         for _ in range(10):
-            sync_bn._allreduce_wait(sync_bn._allreduce_start(stats, "knobs.stats", hvd.global_process_set), False)
+            sync_bn._allreduce_wait(sync_bn._allreduce_start(stats, "knobs.stats", hvd.global_process_set),
+                                    sync_bn._poll_interval("auto", 20e-6, on_gpu=False))
 
     for _ in range(10):  # warm-up: negotiation of every name, the response cache filled
         allreduce_batch(), step(cgbn), step(local)

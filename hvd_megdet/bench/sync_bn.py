@@ -7,7 +7,7 @@ Shapes are per rank, N x C x H x W. The issue's detector feature maps (2x256x200
 2x1024x50x76) take seconds per layer on a 2-core CPU, so the default divides H and W by 4 (16x fewer
 elements); --full runs them as they are. In the same run, on the same shapes, it times:
   - hvd_megdet SyncBatchNorm, two_phase=True and False (Horovod allreduce); two_phase=True again with
-    Horovod's spinning wait instead of CGBN's sleep-poll, and with the allreduces replaced by the identity
+    Horovod's spinning wait instead of CGBN's sleep-poll (wait="horovod"), and with the allreduces replaced by the identity
     ("arithmetic only": what CGBN's local work costs, against local BatchNorm);
   - local nn.BatchNorm2d (no synchronization: the floor);
   - naive sync BN, detectron2's approach: one torch.distributed all_reduce of [mean, mean of squares] forward
@@ -113,7 +113,7 @@ def _layers(device):
     layers = {
         "CGBN two_phase=True": lambda c: SyncBatchNorm(c, two_phase=True),
         "CGBN two_phase=False": lambda c: SyncBatchNorm(c, two_phase=False),
-        "CGBN two_phase=True, spin wait": lambda c: _spin_waiting(SyncBatchNorm(c, two_phase=True)),
+        "CGBN two_phase=True, spin wait": lambda c: SyncBatchNorm(c, two_phase=True, wait="horovod"),
         "CGBN two_phase=True, arithmetic only": lambda c: _without_collectives(SyncBatchNorm(c, two_phase=True)),
         "local nn.BatchNorm2d": nn.BatchNorm2d,
         "naive sync BN (torch.distributed)": NaiveSyncBatchNorm,
@@ -138,12 +138,6 @@ def count_collectives():
         yield lambda: sum(m.call_count for m in mocks)
 
 
-def _spin_waiting(layer):
-    """Mark a CGBN layer to wait for its allreduces with hvd.synchronize's spin (before the sleep-poll wait)."""
-    layer.spin_wait = True
-    return layer
-
-
 def _without_collectives(layer):
     """Mark a CGBN layer to run with its allreduces replaced by the identity: its local arithmetic alone
     (statistics of this rank's batch only; for timing, not for results)."""
@@ -154,10 +148,10 @@ def _without_collectives(layer):
 def _step(layer, x, grad, device):
     x.grad = None
     layer.zero_grad()
-    patches = {"_wait": {"mode": "horovod"}} if getattr(layer, "spin_wait", False) else {}
+    patches = {}
     if getattr(layer, "no_collectives", False):
         patches.update(_allreduce_start=lambda tensor, name, process_set: tensor,
-                       _allreduce_wait=lambda tensor, on_gpu: tensor)
+                       _allreduce_wait=lambda tensor, poll: tensor)
     with mock.patch.multiple(sync_bn, **patches) if patches else contextlib.nullcontext():
         layer(x).backward(grad)
     if device.type == "cuda":

@@ -115,8 +115,8 @@ class _CollectiveLog:
                 self.events.append([name, time.perf_counter(), None])
             return handle
 
-        def timed_wait(handle, on_gpu):
-            out = wait(handle, on_gpu)
+        def timed_wait(handle, poll):
+            out = wait(handle, poll)
             if handle in self._pending:
                 self.events[self._pending.pop(handle)][2] = time.perf_counter()
             return out
