@@ -45,13 +45,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import horovod
 import psutil
 
-# Where a main thread waits for its peers: Horovod's collectives and the CGBN layers' own polling wait.
-_COLLECTIVE_FILES = tuple(str(Path(horovod.__file__).parent / "torch" / name)
-                          for name in ("mpi_ops.py", "functions.py", "optimizer.py")) + \
-                    (str(Path(__file__).with_name("sync_bn.py")),)
 _PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's monitor, and again for its reply
 _EXIT_GRACE = 10.0  # seconds a rank that printed its error line may take to exit before its monitor ends it
 _STACKS_SIGNAL = signal.SIGUSR2  # asks a rank to print its threads' stacks (faulthandler)
@@ -103,9 +98,22 @@ def _parse_stack(dump):
     return [frame.groups() for line in dump.splitlines() if (frame := _FRAME.match(line))]
 
 
-def _collective_index(stack):
-    """The index in `stack` of its outermost frame inside a collective (None when it waits in none)."""
-    inside = [i for i, (path, _, _) in enumerate(stack) if path in _COLLECTIVE_FILES]
+def _collective_files():
+    """The source files where a main thread waits for its peers, from the modules themselves: Horovod's torch
+    collectives (mpi_ops: the ops and hvd.synchronize; functions: broadcast_parameters, allgather_object...;
+    optimizer: DistributedOptimizer.synchronize) and sync_bn, the CGBN layers with their own polling wait.
+    Loads torch: for the rank, not the monitor process."""
+    from horovod.torch import functions, mpi_ops, optimizer
+
+    from hvd_megdet import sync_bn
+
+    return frozenset(module.__file__ for module in (mpi_ops, functions, optimizer, sync_bn))
+
+
+def _collective_index(stack, files):
+    """The index in `stack` of its outermost frame inside a collective, a frame of one of `files` (None when it
+    waits in none)."""
+    inside = [i for i, (path, _, _) in enumerate(stack) if path in files]
     return inside[-1] if inside else None
 
 
@@ -185,6 +193,7 @@ class Watchdog:
         self._waits = {}  # thread ident -> (collective name, since when): CGBN's waits, told by its hook
         from hvd_megdet import sync_bn  # loads torch: the monitor process, which imports this module, must not
         sync_bn.register_collective_hook(self._collective_event)
+        self._collective_files = _collective_files()
         self.rank, self.peers = None, []
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
@@ -252,7 +261,7 @@ class Watchdog:
         from horovod.torch import mpi_ops  # loaded in the rank already; the monitor process must not load torch
         with self._lock:  # one dump at a time: the monitor and peers' surveys ask from the server's thread
             stack = self._main_stack()
-            collective = _collective_index(stack)
+            collective = _collective_index(stack, self._collective_files)
             # One wait: the same call site, and no collective started since (Horovod numbers every collective
             # it starts, and keeps the pending ones in _handle_map, the torch ops' table of handles).
             wait = None if collective is None else (stack[collective:], max(mpi_ops._handle_map, default=None))

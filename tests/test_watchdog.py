@@ -52,7 +52,7 @@ def test_a_probe_that_cannot_connect_calls_the_peer_unreachable(monkeypatch):
 def test_status_names_the_collective_a_thread_waits_in_and_where_it_was_called(monkeypatch):
     """A function in one of the collectives' files counts as a collective (here: this test file, declared one).
     The watched thread writes its own stack: reading another thread's frames can crash Python 3.11."""
-    monkeypatch.setattr(watchdog, "_COLLECTIVE_FILES", (__file__,))
+    monkeypatch.setattr(watchdog, "_collective_files", lambda: frozenset([__file__]))
     monkeypatch.setattr(sys, "_current_frames", lambda: pytest.fail("read another thread's frames from Python"))
     monkeypatch.setattr(mpi_ops, "_handle_map", {})
     entered, release = threading.Event(), threading.Event()
@@ -76,6 +76,14 @@ def test_status_names_the_collective_a_thread_waits_in_and_where_it_was_called(m
     assert [first["where"], same_wait["where"]] == [new_wait["where"]] * 2
     assert first["collective"].startswith("allreduce_like from ") and first["collective"].endswith(" run")
     assert first["waiting_s"] == 0.0 and same_wait["waiting_s"] >= 0.3 and new_wait["waiting_s"] == 0.0
+
+
+def test_the_collective_files_are_the_modules_that_wait_for_peers():
+    from horovod.torch import functions, mpi_ops, optimizer
+
+    files = watchdog._collective_files()
+    assert files == {mpi_ops.__file__, functions.__file__, optimizer.__file__, sync_bn.__file__}
+    assert all(os.path.isfile(f) for f in files)
 
 
 def test_status_names_a_collective_that_waits_off_the_main_thread(monkeypatch):
