@@ -44,10 +44,10 @@ class ModelConfig:
     norm: str = "cgbn"  # frozen | bn | cgbn
     bn_group_size: int = 0  # ranks per CGBN group (the paper's BN size in GPUs); 0 = all ranks
     two_phase: bool = True  # CGBN with the paper's two allreduces (else one shifted allreduce)
-    # How CGBN waits for its allreduces (sync_bn.set_allreduce_wait): auto = a sleeping poll for CPU tensors
+    # How CGBN waits for its allreduces (sync_bn.SyncBatchNorm's wait): auto = a sleeping poll for CPU tensors
     # (ranks share cores), Horovod's own wait for GPU tensors; sleep | horovod force one.
     cgbn_wait: str = "auto"
-    # CUDA only: BatchNorm's local work in torch's fused SyncBatchNorm kernels (sync_bn.use_fused_cuda_kernels);
+    # CUDA only: BatchNorm's local work in torch's fused SyncBatchNorm kernels (SyncBatchNorm's cuda_kernels);
     # off until scripts/gpu_check.sh has confirmed them on a GPU.
     cgbn_cuda_kernels: bool = False
     weights: str = ""  # local checkpoint, detector or ImageNet ResNet state dict; "" = random init

@@ -242,14 +242,15 @@ def _freeze(module):
 
 def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=None, two_phase=True,
                 anchor_sizes=(32, 64, 128, 256, 512), box_head=None, trainable_backbone_layers=None, weights=None,
-                **detector_kwargs):
+                cgbn_wait="auto", cgbn_cuda_kernels=False, **detector_kwargs):
     """Build a Faster R-CNN ResNet-FPN detector (torchvision `FasterRCNN`).
 
     num_classes: number of classes including background (K + 1); labels 1..K, 0 is background.
     backbone: one of BACKBONES ("resnet_tiny" is a narrow ResNet-10 with a 64-channel FPN for CPU demos).
     norm: "frozen" | "bn" | "cgbn" (see the module docstring). For "cgbn", `process_set` (a Horovod
-        process set: the group of ranks whose statistics are combined; None = all ranks) and `two_phase`
-        are passed to `hvd_megdet.sync_bn.convert_sync_batchnorm`.
+        process set: the group of ranks whose statistics are combined; None = all ranks), `two_phase`,
+        `cgbn_wait` (its `wait`) and `cgbn_cuda_kernels` (its `cuda_kernels`) are passed to
+        `hvd_megdet.sync_bn.convert_sync_batchnorm`.
     anchor_sizes: one anchor size per FPN level P2..P6 (5 values), aspect ratios 0.5, 1, 2 at every level.
     box_head: "mlp" | "conv" | None (the norm's default: mlp for frozen, conv for bn and cgbn).
     trainable_backbone_layers: how many ResNet stages, counted from layer4 down to the stem, are trained
@@ -313,7 +314,8 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
     if norm == "cgbn":
         from hvd_megdet.sync_bn import convert_sync_batchnorm  # needs Horovod: imported only for CGBN
 
-        model = convert_sync_batchnorm(model, process_set=process_set, two_phase=two_phase)
+        model = convert_sync_batchnorm(model, process_set=process_set, two_phase=two_phase, wait=cgbn_wait,
+                                       cuda_kernels=cgbn_cuda_kernels)
     if weights is not None:
         load_weights(model, weights)
     return model
@@ -327,7 +329,8 @@ def detector_from_config(m, num_classes, norm=None, process_set=None, channels_l
     trainable = (m.trainable_backbone_layers if m.trainable_backbone_layers >= 0
                  else default_trainable_layers(m.norm, bool(m.weights)))
     model = build_model(num_classes, backbone=m.backbone, norm=norm, process_set=process_set,
-                        two_phase=m.two_phase, anchor_sizes=m.anchor_sizes, trainable_backbone_layers=trainable,
+                        two_phase=m.two_phase, cgbn_wait=m.cgbn_wait, cgbn_cuda_kernels=m.cgbn_cuda_kernels,
+                        anchor_sizes=m.anchor_sizes, trainable_backbone_layers=trainable,
                         box_head=None if m.box_head == "auto" else m.box_head,
                         rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
                         rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,

@@ -17,7 +17,9 @@ Contract, as for any Horovod collective: every rank of a process set runs the sa
 the same order, forward and backward, including ranks whose batch is empty. Collectives are named after the
 order in which layers are created, so every rank builds the same model the same way.
 
-The algorithm, its collectives and their cost: README.md, "Cross-GPU Batch Normalization", and
+How a layer waits for its allreduces and whether it uses torch's fused CUDA kernels are the layer's own
+arguments (SyncBatchNorm's and convert_sync_batchnorm's `wait`, `poll_seconds`, `cuda_kernels`), nothing
+process-wide. The algorithm, its collectives and their cost: README.md, "Cross-GPU Batch Normalization", and
 docs/performance.md. `register_collective_hook` tells instrumentation (a watchdog, a benchmark) when each
 collective starts, is waited for and ends, on the thread that runs it.
 """
@@ -35,9 +37,8 @@ from torch.utils.hooks import RemovableHandle
 
 # `process_set` value for BN groups of one rank (BN size 1): plain per-rank BatchNorm, no collectives.
 LOCAL = "local"
-WAITS = ("auto", "sleep", "horovod")
-_wait = {"mode": "auto", "poll_seconds": 20e-6}  # see set_allreduce_wait
-_cuda_kernels = {"enabled": False}  # see use_fused_cuda_kernels
+WAITS = ("auto", "sleep", "horovod")  # SyncBatchNorm's `wait` argument
+_POLL_SECONDS = 20e-6  # SyncBatchNorm's default `poll_seconds`: at most ~20 us added to a sleeping wait
 # RemovableHandle id -> hook (register_collective_hook); an OrderedDict, as the handle's weak reference needs
 _collective_hooks = OrderedDict()
 
@@ -82,26 +83,15 @@ def _allreduce_start(tensor, name, process_set):
     return _Allreduce(hvd.allreduce_async_(tensor, op=hvd.Sum, name=name, process_set=process_set), name)
 
 
-def set_allreduce_wait(mode="auto", poll_seconds=20e-6):
-    """How CGBN waits for its allreduces, for the whole process: "horovod" is hvd.synchronize, Horovod's own
-    wait, which spins; "sleep" polls hvd.poll and sleeps `poll_seconds` in between, which leaves the cores to
-    Horovod's background threads where ranks share them (CPU training: 1.3-1.7x faster per layer under load,
-    docs/performance.md); "auto" (the default) sleeps for CPU tensors and uses Horovod's wait for GPU ones."""
-    if mode not in WAITS:
-        raise ValueError(f"set_allreduce_wait: mode must be one of {', '.join(WAITS)}, got {mode!r}")
-    _wait.update(mode=mode, poll_seconds=poll_seconds)
+def _poll_interval(wait, poll_seconds, on_gpu):
+    """How `_allreduce_wait` waits, from a layer's `wait` and `poll_seconds` (see SyncBatchNorm) and whether its
+    input is on a GPU: the seconds to sleep between hvd.poll calls, or None for hvd.synchronize."""
+    return poll_seconds if wait == "sleep" or (wait == "auto" and not on_gpu) else None
 
 
-def use_fused_cuda_kernels(enabled=True):
-    """For CUDA inputs, do BatchNorm's local work with torch's fused SyncBatchNorm kernels (batch_norm_stats,
-    batch_norm_backward_reduce, batch_norm_backward_elemt: one pass over x forward, two backward, instead of
-    several torch ops). Off by default until `scripts/gpu_check.sh` has confirmed on a GPU that they match
-    nn.BatchNorm2d (they have no CPU implementation, so no test here can run them)."""
-    _cuda_kernels["enabled"] = bool(enabled)
-
-
-def _fused(x):
-    return _cuda_kernels["enabled"] and x.is_cuda and x.numel() > 0
+def _fused(x, cuda_kernels):
+    """Whether a layer built with `cuda_kernels` does its local work on x with torch's fused kernels."""
+    return cuda_kernels and x.is_cuda and x.numel() > 0
 
 
 def _memory_format(x):
@@ -109,13 +99,14 @@ def _memory_format(x):
         else torch.contiguous_format
 
 
-def _allreduce_wait(allreduce, on_gpu):
-    """The result of `_allreduce_start`'s allreduce, waited for as `set_allreduce_wait` says."""
+def _allreduce_wait(allreduce, poll):
+    """The result of `_allreduce_start`'s allreduce: hvd.synchronize, Horovod's own wait, which spins, when
+    `poll` is None; else hvd.poll every `poll` seconds, sleeping in between (see `_poll_interval`)."""
     _tell_hooks(allreduce.name, "wait")
     try:
-        if _wait["mode"] == "sleep" or (_wait["mode"] == "auto" and not on_gpu):
+        if poll is not None:
             while not hvd.poll(allreduce.handle):
-                time.sleep(_wait["poll_seconds"])
+                time.sleep(poll)
         return hvd.synchronize(allreduce.handle)
     finally:
         _tell_hooks(allreduce.name, "end")
@@ -142,6 +133,7 @@ class _Layer(NamedTuple):
     running_var: Optional[torch.Tensor]
     momentum: float  # this batch's weight in the running statistics
     eps: float
+    cuda_kernels: bool  # local work in torch's fused CUDA kernels (see SyncBatchNorm)
 
 
 class _LocalMoments:
@@ -156,7 +148,6 @@ class _LocalMoments:
         self.count = x.numel() // x.shape[1]
         self.sum = self.x.sum(self.dims)
         self.mean = self.sum / max(self.count, 1)
-        self.on_gpu = x.is_cuda
 
     def m2(self):
         return (self.x - _per_channel(self.mean, self.x)).square_().sum(self.dims)
@@ -172,7 +163,6 @@ class _FusedLocalMoments:
         self.mean = mean.to(dtype)
         self.sum = self.mean * self.count
         self._m2 = (self.count / invstd.square()).to(dtype)
-        self.on_gpu = True
 
     def m2(self):
         return self._m2
@@ -184,35 +174,35 @@ def _counts_tensor(local, like):
     return torch.stack([like.new_full((), moments.count) for moments in local])
 
 
-def _two_phase_statistics(local, name, process_set):
+def _two_phase_statistics(local, name, process_set, poll):
     """The paper's two phases: allreduce [sum x, count] -> global mean; allreduce sum (x - global mean)^2 ->
     global (biased) variance. Returns (means, variances, counts) per layer. The local m2 is summed while
-    phase 1 is in flight."""
-    channels, on_gpu = [moments.sum.numel() for moments in local], local[0].on_gpu
+    phase 1 is in flight; `poll`: how to wait (`_allreduce_wait`)."""
+    channels = [moments.sum.numel() for moments in local]
     payload = torch.cat([*(moments.sum for moments in local), _counts_tensor(local, local[0].sum)])
     allreduce = _allreduce_start(payload, f"{name}.sum", process_set)
     m2 = [moments.m2() for moments in local]
-    totals = _allreduce_wait(allreduce, on_gpu)
+    totals = _allreduce_wait(allreduce, poll)
     counts = _checked_counts(totals[-len(local):], local, name)
     means = [total / k.clamp(min=1) for total, k in zip(totals[:-len(local)].split(channels), counts)]
     # Each rank's sum of squared deviations from the global mean, from its local moments.
     sq_dev = torch.cat([q + moments.count * (moments.mean - mean).square()
                         for q, moments, mean in zip(m2, local, means)])
-    sq_dev = _allreduce_wait(_allreduce_start(sq_dev, f"{name}.sqdev", process_set), on_gpu)
+    sq_dev = _allreduce_wait(_allreduce_start(sq_dev, f"{name}.sqdev", process_set), poll)
     variances = [total / k.clamp(min=1) for total, k in zip(sq_dev.split(channels), counts)]
     return means, variances, counts
 
 
-def _shifted_statistics(local, shifts, name, process_set):
+def _shifted_statistics(local, shifts, name, process_set, poll):
     """One allreduce of float64 [count, sum (x - s), sum (x - s)^2] around per-channel shifts s equal on all
     ranks, then mean = s + E[x - s] and variance = E[(x - s)^2] - E[x - s]^2: the cancellation is harmless in
     float64 unless |mean - s| exceeds the std by ~1e6. Returns (means, variances, counts) per layer."""
-    channels, on_gpu = [moments.sum.numel() for moments in local], local[0].on_gpu
+    channels = [moments.sum.numel() for moments in local]
     offsets = [moments.mean.to(torch.float64) - shift for moments, shift in zip(local, shifts)]
     payload = torch.cat([_counts_tensor(local, shifts[0]),
                          *(moments.count * offset for moments, offset in zip(local, offsets)),
                          *(moments.m2() + moments.count * offset.square() for moments, offset in zip(local, offsets))])
-    totals = _allreduce_wait(_allreduce_start(payload, f"{name}.moments", process_set), on_gpu)
+    totals = _allreduce_wait(_allreduce_start(payload, f"{name}.moments", process_set), poll)
     counts = _checked_counts(totals[:len(local)], local, name)
     sum_shifted, sum_sq_shifted = totals[len(local):].split([sum(channels)] * 2)
     dtype = local[0].sum.dtype
@@ -254,30 +244,32 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm of n independent layers at once, with statistics of the whole process set;
     their statistics travel in the same allreduces.
 
-    apply(layers, process_set, name, two_phase, *inputs, *weights, *biases): `layers` holds one `_Layer` per
-    input. Each input is (N, C, *) with N possibly 0, all of one float dtype. Statistics are float32 (float64
-    for float64 inputs); each output has its input's dtype and memory format. Returns the tuple of outputs.
+    apply(layers, process_set, name, two_phase, poll, *inputs, *weights, *biases): `layers` holds one `_Layer`
+    per input; `poll` says how to wait for the allreduces (`_allreduce_wait`). Each input is (N, C, *) with N
+    possibly 0, all of one float dtype. Statistics are float32 (float64 for float64 inputs); each output has
+    its input's dtype and memory format. Returns the tuple of outputs.
     """
 
     @staticmethod
-    def forward(ctx, layers, process_set, name, two_phase, *tensors):
+    def forward(ctx, layers, process_set, name, two_phase, poll, *tensors):
         n = len(layers)
         inputs, weights, biases = _split(tensors, n, 3)
         stat_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
-        local = [(_FusedLocalMoments if _fused(x) else _LocalMoments)(x, stat_dtype) for x in inputs]
+        local = [(_FusedLocalMoments if _fused(x, layer.cuda_kernels) else _LocalMoments)(x, stat_dtype)
+                 for layer, x in zip(layers, inputs)]
         if two_phase:
-            means, variances, counts = _two_phase_statistics(local, name, process_set)
+            means, variances, counts = _two_phase_statistics(local, name, process_set, poll)
         else:
             # The shift: the running mean (equal on all ranks, see SyncBatchNorm), else zero.
             shifts = [(layer.running_mean if layer.running_mean is not None else x.new_zeros(x.shape[1]))
                       .to(torch.float64) for layer, x in zip(layers, inputs)]
-            means, variances, counts = _shifted_statistics(local, shifts, name, process_set)
+            means, variances, counts = _shifted_statistics(local, shifts, name, process_set, poll)
         _update_running_stats(layers, means, variances, counts)
 
         ctx.save_for_backward(*inputs, *weights, *means, *variances)
-        ctx.num_layers, ctx.counts, ctx.on_gpu = n, [k.clamp(min=1) for k in counts], inputs[0].is_cuda
-        ctx.eps = [layer.eps for layer in layers]
-        ctx.process_set, ctx.name = process_set, name
+        ctx.num_layers, ctx.counts = n, [k.clamp(min=1) for k in counts]
+        ctx.eps, ctx.cuda_kernels = [layer.eps for layer in layers], [layer.cuda_kernels for layer in layers]
+        ctx.process_set, ctx.name, ctx.poll = process_set, name, poll
         # Normalizing with the global statistics is BatchNorm in eval mode: torch's fused kernel, which keeps
         # the input's dtype and memory format and takes float32 statistics and parameters for half inputs.
         return tuple(F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
@@ -287,10 +279,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         n = ctx.num_layers
         inputs, weights, means, variances = _split(ctx.saved_tensors, n, 4)
-        needs_input, needs_weight, needs_bias = _split(ctx.needs_input_grad[4:], n, 3)
+        needs_input, needs_weight, needs_bias = _split(ctx.needs_input_grad[5:], n, 3)
         invstds = [torch.rsqrt(var + eps) for var, eps in zip(variances, ctx.eps)]
-        terms = [_LocalGradTerms(dy, x, mean, invstd, w)
-                 for dy, x, mean, invstd, w in zip(grad_outputs, inputs, means, invstds, weights)]
+        terms = [_LocalGradTerms(dy, x, mean, invstd, w, _fused(x, cuda_kernels))
+                 for dy, x, mean, invstd, w, cuda_kernels in
+                 zip(grad_outputs, inputs, means, invstds, weights, ctx.cuda_kernels)]
 
         grad_inputs = [None] * n
         if any(needs_input):
@@ -301,7 +294,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             allreduce = _allreduce_start(payload, f"{ctx.name}.grad", ctx.process_set)
             for t in terms:
                 t.prepare_grad_input()
-            group_sum_dy, group_sum_dy_centered = _allreduce_wait(allreduce, ctx.on_gpu).split([sum(channels)] * 2)
+            group_sum_dy, group_sum_dy_centered = _allreduce_wait(allreduce, ctx.poll).split([sum(channels)] * 2)
             grad_inputs = [t.grad_input(total_dy, total_dy_centered, k) if needed else None
                            for t, total_dy, total_dy_centered, k, needed in
                            zip(terms, group_sum_dy.split(channels), group_sum_dy_centered.split(channels),
@@ -312,18 +305,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                         for t, w, needed in zip(terms, weights, needs_weight)]
         grad_biases = [t.sum_dy.to(w.dtype) if needed else None  # affine: weight and bias come together
                        for t, w, needed in zip(terms, weights, needs_bias)]
-        return (None, None, None, None, *grad_inputs, *grad_weights, *grad_biases)
+        return (None, None, None, None, None, *grad_inputs, *grad_weights, *grad_biases)
 
 
 class _LocalGradTerms:
     """One layer's backward on this rank, given the group's mean and 1/std: the local sums that the ranks
     combine (sum dy and sum dy * (x - mean), per channel), then the input gradient from the group's sums,
         dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)),  scale = invstd * weight,
-    with torch's fused CUDA kernels (batch_norm_backward_reduce / _elemt) or with torch ops."""
+    with torch's fused CUDA kernels (batch_norm_backward_reduce / _elemt) when `fused`, else with torch ops."""
 
-    def __init__(self, dy, x, mean, invstd, weight):
-        self.x, self.mean, self.invstd, self.weight = x, mean, invstd, weight
-        self.fused = _fused(x)
+    def __init__(self, dy, x, mean, invstd, weight, fused):
+        self.x, self.mean, self.invstd, self.weight, self.fused = x, mean, invstd, weight, fused
         if self.fused:
             self.dy = dy.contiguous(memory_format=_memory_format(x))
             self.sum_dy, self.sum_dy_centered, _, _ = torch.batch_norm_backward_reduce(
@@ -365,6 +357,15 @@ class SyncBatchNorm(_BatchNorm):
         float64 moments around a per-channel shift: the running mean when tracking running statistics (equal
         on all ranks when they start equal, e.g. after `hvd.broadcast_parameters(model.state_dict())`), else
         zero. Results agree within float tolerance.
+      wait: how the layer waits for its allreduces, one of WAITS. "horovod" is hvd.synchronize, Horovod's own
+        wait, which spins; "sleep" polls hvd.poll and sleeps `poll_seconds` in between, which leaves the cores
+        to Horovod's background threads where ranks share them (CPU training: 1.3-1.7x faster per layer under
+        load, docs/performance.md); "auto" sleeps for CPU inputs and uses Horovod's wait for GPU ones.
+        Results are the same whichever it is.
+      cuda_kernels: for CUDA inputs, do BatchNorm's local work with torch's fused SyncBatchNorm kernels
+        (batch_norm_stats, batch_norm_backward_reduce, batch_norm_backward_elemt: one pass over x forward, two
+        backward, instead of several torch ops). Off by default until `scripts/gpu_check.sh` has confirmed on
+        a GPU that they match nn.BatchNorm2d (they have no CPU implementation, so no test here can run them).
 
     Semantics follow `nn.BatchNorm*d`: training (or track_running_stats=False, in any mode) uses batch
     statistics of the whole process set, synchronized; eval with running statistics is local, no collective.
@@ -376,13 +377,18 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_set=None, two_phase=True):
+                 process_set=None, two_phase=True, *, wait="auto", poll_seconds=_POLL_SECONDS, cuda_kernels=False):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         if not (process_set is None or process_set == LOCAL or isinstance(process_set, hvd.ProcessSet)):
             raise ValueError(f"SyncBatchNorm: process_set must be None, LOCAL or a hvd.ProcessSet, "
                              f"got {process_set!r}")
+        if wait not in WAITS:
+            raise ValueError(f"SyncBatchNorm: wait must be one of {', '.join(WAITS)}, got {wait!r}")
+        if not poll_seconds >= 0:
+            raise ValueError(f"SyncBatchNorm: poll_seconds must be >= 0, got {poll_seconds!r}")
         self.process_set = process_set
         self.two_phase = two_phase
+        self.wait, self.poll_seconds, self.cuda_kernels = wait, poll_seconds, bool(cuda_kernels)
         self.input_dim = None  # dimensionality of the last input (or of the converted layer), for revert
         self._name = f"sync_bn.{next(_layer_ids)}"
 
@@ -411,7 +417,7 @@ class SyncBatchNorm(_BatchNorm):
     def forward_sharing_collectives(layers, inputs):
         """`[layer(x) for layer, x in zip(layers, inputs)]` for SyncBatchNorm layers whose inputs do not depend
         on each other's outputs (the levels of an FPN): the layers that synchronize over the same process set,
-        with the same algorithm and input dtype, share each of their statistics' collectives, so k layers
+        with the same algorithm, wait and input dtype, share each of their statistics' collectives, so k layers
         cost the round trips of one. Every rank must call it with the same layers in the same order."""
         outputs, groups = [None] * len(layers), {}
         for i, (layer, x) in enumerate(zip(layers, inputs)):
@@ -421,14 +427,15 @@ class SyncBatchNorm(_BatchNorm):
                                           momentum, layer.eps)
                 continue
             process_set = hvd.global_process_set if layer.process_set is None else layer.process_set
-            groups.setdefault((id(process_set), layer.two_phase, x.dtype), (process_set, []))[1].append(
-                (i, _Layer(running_mean, running_var, momentum, layer.eps)))
-        for (_, two_phase, _), (process_set, members) in groups.items():
+            poll = _poll_interval(layer.wait, layer.poll_seconds, x.is_cuda)
+            groups.setdefault((id(process_set), layer.two_phase, poll, x.dtype), (process_set, []))[1].append(
+                (i, _Layer(running_mean, running_var, momentum, layer.eps, layer.cuda_kernels)))
+        for (_, two_phase, poll, _), (process_set, members) in groups.items():
             index = [i for i, _ in members]
             name = "+".join([layers[index[0]]._name] + [layers[i]._name.rsplit(".", 1)[1] for i in index[1:]])
             results = _SyncBatchNormFunction.apply(
-                tuple(layer for _, layer in members), process_set, name, two_phase, *(inputs[i] for i in index),
-                *(layers[i].weight for i in index), *(layers[i].bias for i in index))
+                tuple(layer for _, layer in members), process_set, name, two_phase, poll,
+                *(inputs[i] for i in index), *(layers[i].weight for i in index), *(layers[i].bias for i in index))
             for i, out in zip(index, results):
                 outputs[i] = out
         return outputs
@@ -448,7 +455,8 @@ class SyncBatchNorm(_BatchNorm):
         return use_batch_stats, running_mean, running_var, momentum
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, two_phase={self.two_phase}"
+        return (f"{super().extra_repr()}, two_phase={self.two_phase}, wait={self.wait}, "
+                f"cuda_kernels={self.cuda_kernels}")
 
 
 def _swap(module, new):
@@ -462,18 +470,22 @@ def _swap(module, new):
     return new
 
 
-def convert_sync_batchnorm(module, process_set=None, two_phase=True):
+def convert_sync_batchnorm(module, process_set=None, two_phase=True, *, wait="auto", poll_seconds=_POLL_SECONDS,
+                           cuda_kernels=False):
     """Return `module` with every nn.BatchNorm1d/2d/3d replaced by a SyncBatchNorm sharing its parameters and
-    buffers (FrozenBatchNorm2d and other norms are left alone). Call it on every rank in the same order (it
+    buffers (FrozenBatchNorm2d and other norms are left alone), built with the given process_set, two_phase,
+    wait, poll_seconds and cuda_kernels (see SyncBatchNorm). Call it on every rank in the same order (it
     assigns the collective names). A bare batch-norm module is returned converted."""
     input_dim = next((dim for cls, dim in _BATCHNORM_DIMS if isinstance(module, cls)), None)
     if input_dim is not None:
         new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_set=process_set, two_phase=two_phase)
+                            module.track_running_stats, process_set=process_set, two_phase=two_phase, wait=wait,
+                            poll_seconds=poll_seconds, cuda_kernels=cuda_kernels)
         new.input_dim = input_dim
         return _swap(module, new)
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, process_set, two_phase))
+        module.add_module(name, convert_sync_batchnorm(child, process_set, two_phase, wait=wait,
+                                                       poll_seconds=poll_seconds, cuda_kernels=cuda_kernels))
     return module
 
 
@@ -502,15 +514,18 @@ def average_running_stats(module):
     every rank's batches: the one a single process would hold had it seen them all. Call it before evaluating
     or saving, so the model that is evaluated is the model that is saved. Statistics that are already equal
     on all ranks (CGBN over the whole world) come back bit for bit: their sum is exact in float64. A
-    collective: every rank calls it at the same point, with the same model.
+    collective: every rank calls it at the same point, with the same model. It waits for its allreduce as
+    the module's first SyncBatchNorm does (`wait`, `poll_seconds`), or as "auto" does when it has none.
     """
     layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
     if not layers or not hvd.is_initialized() or hvd.size() == 1:
         return
     stats = torch.cat([torch.cat([m.running_mean, m.running_var]).to(torch.float64) for m in layers])
+    cgbn = next((m for m in module.modules() if isinstance(m, SyncBatchNorm)), None)
+    poll = _poll_interval(*((cgbn.wait, cgbn.poll_seconds) if cgbn else ("auto", _POLL_SECONDS)), stats.is_cuda)
     # Horovod: the sum over all ranks of every layer's running statistics, in one tensor.
     stats = _allreduce_wait(_allreduce_start(stats, "sync_bn.average_running_stats", hvd.global_process_set),
-                            stats.is_cuda) / hvd.size()
+                            poll) / hvd.size()
     with torch.no_grad():
         for m, layer_stats in zip(layers, stats.split([2 * m.num_features for m in layers])):
             mean, var = layer_stats.chunk(2)

@@ -32,7 +32,7 @@ from hvd_megdet.engine import evaluate, grad_scaler, next_batch, precise_bn, to_
 from hvd_megdet.logs import MetricsWriter, log, log_to_file
 from hvd_megdet.model import detector_from_config
 from hvd_megdet.solver import describe_scaling, global_batch, init_optimizer_state, lr_at, set_lr
-from hvd_megdet.sync_bn import average_running_stats, set_allreduce_wait, use_fused_cuda_kernels
+from hvd_megdet.sync_bn import average_running_stats
 
 
 def parse_args(argv=None):
@@ -245,8 +245,6 @@ def train(cfg, resume=False, elastic=False):
     device = dist.device_for(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(dist.torch_threads_per_rank())
-    set_allreduce_wait(cfg.model.cgbn_wait)
-    use_fused_cuda_kernels(cfg.model.cgbn_cuda_kernels)
     random.seed(cfg.seed + dist.rank())
     torch.manual_seed(cfg.seed + dist.rank())
     out = Path(cfg.output_dir)

@@ -30,8 +30,10 @@ the ranks it started on its own host) can be quicker than the survivors' failed 
 named the lost rank: the rank passes its SIGTERM to the monitor (a signal wakeup pipe), which names the ranks
 already gone instead. Ports carry one JSON line out per connection; nothing is ever read from them.
 """
+import enum
 import faulthandler
 import json
+import math
 import os
 import re
 import select
@@ -45,13 +47,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import horovod
 import psutil
 
-# Where a main thread waits for its peers: Horovod's collectives and the CGBN layers' own polling wait.
-_COLLECTIVE_FILES = tuple(str(Path(horovod.__file__).parent / "torch" / name)
-                          for name in ("mpi_ops.py", "functions.py", "optimizer.py")) + \
-                    (str(Path(__file__).with_name("sync_bn.py")),)
 _PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's monitor, and again for its reply
 _EXIT_GRACE = 10.0  # seconds a rank that printed its error line may take to exit before its monitor ends it
 _STACKS_SIGNAL = signal.SIGUSR2  # asks a rank to print its threads' stacks (faulthandler)
@@ -103,9 +100,22 @@ def _parse_stack(dump):
     return [frame.groups() for line in dump.splitlines() if (frame := _FRAME.match(line))]
 
 
-def _collective_index(stack):
-    """The index in `stack` of its outermost frame inside a collective (None when it waits in none)."""
-    inside = [i for i, (path, _, _) in enumerate(stack) if path in _COLLECTIVE_FILES]
+def _collective_files():
+    """The source files where a main thread waits for its peers, from the modules themselves: Horovod's torch
+    collectives (mpi_ops: the ops and hvd.synchronize; functions: broadcast_parameters, allgather_object...;
+    optimizer: DistributedOptimizer.synchronize) and sync_bn, the CGBN layers with their own polling wait.
+    Loads torch: for the rank, not the monitor process."""
+    from horovod.torch import functions, mpi_ops, optimizer
+
+    from hvd_megdet import sync_bn
+
+    return frozenset(module.__file__ for module in (mpi_ops, functions, optimizer, sync_bn))
+
+
+def _collective_index(stack, files):
+    """The index in `stack` of its outermost frame inside a collective, a frame of one of `files` (None when it
+    waits in none)."""
+    inside = [i for i, (path, _, _) in enumerate(stack) if path in files]
     return inside[-1] if inside else None
 
 
@@ -185,6 +195,7 @@ class Watchdog:
         self._waits = {}  # thread ident -> (collective name, since when): CGBN's waits, told by its hook
         from hvd_megdet import sync_bn  # loads torch: the monitor process, which imports this module, must not
         sync_bn.register_collective_hook(self._collective_event)
+        self._collective_files = _collective_files()
         self.rank, self.peers = None, []
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
@@ -252,7 +263,7 @@ class Watchdog:
         from horovod.torch import mpi_ops  # loaded in the rank already; the monitor process must not load torch
         with self._lock:  # one dump at a time: the monitor and peers' surveys ask from the server's thread
             stack = self._main_stack()
-            collective = _collective_index(stack)
+            collective = _collective_index(stack, self._collective_files)
             # One wait: the same call site, and no collective started since (Horovod numbers every collective
             # it starts, and keeps the pending ones in _handle_map, the torch ops' table of handles).
             wait = None if collective is None else (stack[collective:], max(mpi_ops._handle_map, default=None))
@@ -342,6 +353,88 @@ def stall_message(rank, peers, what):
     return f"rank {rank}: stalled: {what}; every rank waits in a collective: " + "; ".join(p for _, p, _ in found)
 
 
+class State(enum.Enum):
+    """What a monitor does about its rank (the transitions: `_StateMachine`)."""
+    WATCHING = "watching"  # the rank runs: asked every tick, ended when stalled for `limit` s
+    TERMINATED = "terminated"  # its launcher ends the rank (a SIGTERM, or nobody reads its output): watched still
+    REPORTED = "reported"  # the monitor printed a stall line and ended the rank
+    ENDING = "ending"  # the rank printed its own error line and exits: ended if still there _EXIT_GRACE s later
+
+
+class _StateMachine:
+    """A monitor's state, and one method per transition; pure (each takes the time, time.monotonic()), so it is
+    tested without processes.
+
+        WATCHING   --terminate, lose_output-->  TERMINATED   (TERMINATED --lose_output--> TERMINATED, again)
+        WATCHING, TERMINATED  --report-->  REPORTED
+        any state  --end-->  ENDING   (ENDING --end--> ENDING: its grace starts again)
+
+    Peers read two facts (`told`): "reported" in REPORTED and ENDING (a line was printed for this rank), and
+    "terminated" once the launcher ends the rank, which it may do in any state: in REPORTED or ENDING the state
+    stays (peers read "reported" first), in WATCHING it becomes TERMINATED. After the rank has exited, the
+    monitor keeps answering until _LINGER s after the last of these transitions (`lingers`), so that peers ended
+    by the same launcher read what it tells, not "exited". Transitions come from several threads (the loop, the
+    rank's pipes, the SIGTERM handler): a lock, reentrant since a SIGTERM may interrupt one on the main thread.
+    """
+
+    def __init__(self):
+        self.state, self.since = State.WATCHING, None  # since: when it entered the state
+        self.launcher_ends = False  # told by `terminate` or `lose_output`, in any state
+        self._told_at = -math.inf  # the last transition that peers read
+        self._lock = threading.RLock()
+
+    def _enter(self, state, now):
+        self.state, self.since, self._told_at = state, now, now
+
+    def terminate(self, now):
+        """The launcher SIGTERMed the rank (or the monitor). True the first time the launcher's end is told:
+        the monitor then names the ranks gone before (`_Monitor._name_lost_ranks`)."""
+        with self._lock:
+            if self.launcher_ends:
+                return False
+            self.launcher_ends, self._told_at = True, now
+            if self.state is State.WATCHING:
+                self._enter(State.TERMINATED, now)
+            return True
+
+    def lose_output(self, now):
+        """Nobody reads the rank's output (its ssh session closed: its launcher is gone); the monitor ends the
+        rank. Peers read that its launcher ends it; there is nobody to name."""
+        with self._lock:
+            self.launcher_ends, self._told_at = True, now
+            if self.state in (State.WATCHING, State.TERMINATED):
+                self._enter(State.TERMINATED, now)
+
+    def report(self, now):
+        """The monitor printed a stall line for its rank and ends it."""
+        with self._lock:
+            self._told_at = now
+            if self.state in (State.WATCHING, State.TERMINATED):
+                self._enter(State.REPORTED, now)
+
+    def end(self, now):
+        """The rank printed its own error line and is exiting (Watchdog.lost_peers)."""
+        with self._lock:
+            self._enter(State.ENDING, now)
+
+    @property
+    def watching(self):
+        """Whether a stall of the rank is to be reported."""
+        return self.state in (State.WATCHING, State.TERMINATED)
+
+    def overdue(self, now):
+        """Whether the rank, ENDING, has had its _EXIT_GRACE s to exit: it hangs on its way out."""
+        return self.state is State.ENDING and now - self.since >= _EXIT_GRACE
+
+    def lingers(self, now):
+        """Whether a monitor whose rank has exited still answers its peers (see the class docstring)."""
+        return now - self._told_at < _LINGER
+
+    def told(self):
+        """What peers read besides the rank's state: {"terminated": bool, "reported": bool}."""
+        return {"terminated": self.launcher_ends, "reported": self.state in (State.REPORTED, State.ENDING)}
+
+
 class _Monitor:
     """The monitor process of one rank (module docstring): `python -m hvd_megdet.watchdog PID STATUS_PORT
     LIMIT [SIGNALS_FD]`; prints its own port, then reads {"rank", "peers"} from stdin, and the rank's signals
@@ -351,12 +444,9 @@ class _Monitor:
         self.rank_process, self.status_port, self.limit = psutil.Process(pid), status_port, limit
         self.signals_fd = signals_fd
         self.view = {"state": "running", "status": None, "silent_s": 0.0}
+        self.machine = _StateMachine()
         self._server = socket.create_server(("", 0))
         self.rank, self.peers = None, []
-        self.ending_since = None  # when the rank said it is exiting after an error of its own
-        self.terminated_at = None  # when the launcher SIGTERMed our rank (or us)
-        self._terminating = threading.RLock()  # reentrant: a second SIGTERM may interrupt the handler
-        self.reported_at = None  # when we printed a stall line
         signal.signal(signal.SIGTERM, lambda *_: self._terminated())
         print(self._server.getsockname()[1], flush=True)
         job = json.loads(sys.stdin.readline() or "null")
@@ -368,7 +458,7 @@ class _Monitor:
         """The rank writes "ending" when it has printed its error line and exits."""
         for line in sys.stdin:
             if line.strip() == "ending":
-                self.ending_since = time.monotonic()
+                self.machine.end(time.monotonic())
 
     def _read_signals(self):
         """The rank's signals, one byte each, written by Python's C-level signal handler in the rank."""
@@ -378,11 +468,10 @@ class _Monitor:
 
     def _terminated(self):
         # The survey starts at once: the launcher SIGKILLs what is left 5 s after its SIGTERM (horovodrun), and a
-        # lost host's probe alone may take 2 s.
-        with self._terminating:  # the SIGTERM of the rank (its pipe) and ours (the handler) come together
-            if self.terminated_at is None:
-                self.terminated_at = time.monotonic()
-                _thread(self._name_lost_ranks)
+        # lost host's probe alone may take 2 s. The SIGTERMs of the rank (its pipe) and ours (the handler) come
+        # together: the first one starts it.
+        if self.machine.terminate(time.monotonic()):
+            _thread(self._name_lost_ranks)
 
     def _rank_state(self):
         try:
@@ -395,53 +484,54 @@ class _Monitor:
 
     def run(self):
         # The rank's state as of now: a rank that just died must not be reported running until the next tick.
-        _thread(_serve, self._server,
-                lambda: {**self.view, "state": self._rank_state(), "terminated": self.terminated_at is not None,
-                         "reported": self.reported_at is not None or self.ending_since is not None})
+        _thread(_serve, self._server, lambda: {**self.view, "state": self._rank_state(), **self.machine.told()})
         _thread(self._read_rank)
         if self.signals_fd is not None:
             _thread(self._read_signals)
         output = select.poll()
         output.register(sys.stderr.fileno(), 0)  # no events asked: it reports POLLERR/POLLHUP only
         tick = min(1.0, self.limit / 10) if self.limit else 1.0
-        silent_since = None
+        silent_since = None  # since when the rank, running, has not answered
         while True:
             time.sleep(tick)
-            state = self._rank_state()
-            if state == "exited":
-                if time.monotonic() - max(self.terminated_at or 0, self.reported_at or 0, self.ending_since or 0) \
-                        < _LINGER:
+            rank = self._rank_state()
+            if rank == "exited":
+                if self.machine.lingers(time.monotonic()):
                     continue  # still telling peers that the launcher ends this rank, or that it reported
                 return
             if output.poll(0):  # nobody reads the rank's output: its launcher (ssh session) is gone
-                self.terminated_at = time.monotonic()  # peers read that, not "exited"; nothing for us to name
+                self.machine.lose_output(time.monotonic())
                 self._end_rank()
                 continue
-            answer, status = probe("127.0.0.1", self.status_port, timeout=1.0) if state == "running" else (None, None)
+            answer, status = probe("127.0.0.1", self.status_port, timeout=1.0) if rank == "running" else (None, None)
             now = time.monotonic()
-            silent_since = None if answer == "ok" or state != "running" else (silent_since or now)
+            silent_since = None if answer == "ok" or rank != "running" else (silent_since or now)
             silent_s = now - silent_since if silent_since else 0.0
-            self.view = {"state": state, "status": status, "silent_s": silent_s}
-            if self.ending_since is not None:
-                if now - self.ending_since >= _EXIT_GRACE:
+            self.view = {"state": rank, "status": status, "silent_s": silent_s}
+            if self.machine.state is State.ENDING:
+                if self.machine.overdue(now):
                     return self._end_rank()  # it printed its line but hangs on its way out
-                continue
-            stalled = self._stalled(status, silent_s) if state == "running" and self.reported_at is None else None
-            if stalled:
-                print(f"error: {stall_message(self.rank, self.peers, stalled)}", file=sys.stderr, flush=True)
-                self.reported_at = time.monotonic()
-                self._print_rank_stacks()
-                self._end_rank()
+            elif self.machine.watching and rank == "running":
+                stalled = self._stalled(status, silent_s)
+                if stalled:
+                    self._report(stalled)
+
+    def _report(self, stalled):
+        """Print the stall line, then the rank's stacks, and end the rank."""
+        print(f"error: {stall_message(self.rank, self.peers, stalled)}", file=sys.stderr, flush=True)
+        self.machine.report(time.monotonic())
+        self._print_rank_stacks()
+        self._end_rank()
 
     def _name_lost_ranks(self):
         """The launcher ends our rank: print one line naming the ranks that were gone already (a lost host whose
         loss the launcher saw before the collectives failed), unless none is gone (a scheduler's cancel) or a
         line was printed already, by our rank or another."""
-        if self.ending_since is not None:
+        if self.machine.state is State.ENDING:
             return
         found = _survey(self.rank, self.peers, timeout=2.0)
         gone = _phrases(found, "gone")
-        if gone and not _phrases(found, "reported") and self.ending_since is None:
+        if gone and not _phrases(found, "reported") and self.machine.state is not State.ENDING:
             print(f"error: rank {self.rank}: ended by the launcher; gone before: {'; '.join(gone)}", file=sys.stderr,
                   flush=True)
 

@@ -74,7 +74,7 @@ def _judged(layer_class, monkeypatch):
 
 def test_bn_comparison_passes_batchnorm_and_fails_a_wrong_layer(monkeypatch):
     class Right(nn.BatchNorm2d):
-        def __init__(self, channels, two_phase):
+        def __init__(self, channels, two_phase, cuda_kernels=False):
             super().__init__(channels)
 
     class WrongEps(Right):  # normalizes with eps 0.5: outputs and input gradients off
@@ -83,7 +83,7 @@ def test_bn_comparison_passes_batchnorm_and_fails_a_wrong_layer(monkeypatch):
             return super().forward(x)
 
     class WrongMomentum(nn.BatchNorm2d):  # right outputs and gradients, running statistics moved too far
-        def __init__(self, channels, two_phase):
+        def __init__(self, channels, two_phase, cuda_kernels=False):
             super().__init__(channels, momentum=0.5)
 
     right = _judged(Right, monkeypatch)

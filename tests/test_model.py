@@ -211,6 +211,16 @@ def test_config_freezes_like_detectron_unless_told(tmp_path, norm, override, fro
     assert body.layer4[0].conv1.weight.requires_grad
 
 
+@pytest.mark.parametrize("wait, cuda_kernels", [("auto", False), ("horovod", True)])
+def test_cgbn_layers_are_built_with_the_configs_wait_and_kernels(wait, cuda_kernels):
+    from hvd_megdet.sync_bn import SyncBatchNorm
+
+    cfg = load_config(None, ["model.norm=cgbn", "model.backbone=resnet_tiny", f"model.cgbn_wait={wait}",
+                             f"model.cgbn_cuda_kernels={str(cuda_kernels).lower()}"])
+    layers = [m for m in detector_from_config(cfg.model, 4).modules() if isinstance(m, SyncBatchNorm)]
+    assert layers and {(m.wait, m.cuda_kernels) for m in layers} == {(wait, cuda_kernels)}
+
+
 def _outputs_of(module, store):
     module.register_forward_hook(lambda m, args, out: store.append(out))
 

@@ -101,10 +101,12 @@ def test_convert_revert_round_trip_keeps_parameters_buffers_and_flags():
     params, buffers = dict(net.named_parameters()), dict(net.named_buffers())
 
     frozen_bn = type(net[5])
-    converted = convert_sync_batchnorm(net, two_phase=False)
+    converted = convert_sync_batchnorm(net, two_phase=False, wait="horovod", poll_seconds=1e-4, cuda_kernels=True)
     assert [type(m) for m in converted] == [nn.Conv1d, SyncBatchNorm, nn.Flatten, nn.Unflatten, SyncBatchNorm,
                                             frozen_bn, nn.Unflatten, SyncBatchNorm]
     assert converted[1].two_phase is False and converted[4].momentum is None
+    assert all((m.wait, m.poll_seconds, m.cuda_kernels) == ("horovod", 1e-4, True)
+               for m in converted if isinstance(m, SyncBatchNorm))
     assert not converted[7].affine and not converted[7].track_running_stats
     assert [m.training for m in converted] == [True, True, True, True, False, True, True, True]
     for name, p in converted.named_parameters():
@@ -141,6 +143,10 @@ def test_bad_inputs_and_arguments_raise():
         sbn(torch.randn(2, 4, 5))
     with pytest.raises(ValueError, match="process_set"):
         SyncBatchNorm(3, process_set=[0, 1])
+    with pytest.raises(ValueError, match="wait must be one of auto, sleep, horovod, got 'spin'"):
+        SyncBatchNorm(3, wait="spin")
+    with pytest.raises(ValueError, match="poll_seconds"):
+        SyncBatchNorm(3, poll_seconds=-1)
 
 
 def test_bn_process_sets_are_consecutive_ranks():
@@ -645,6 +651,48 @@ def test_a_collective_hook_is_told_of_each_collective_until_removed():
     assert run_ranks(_collective_hook_rank, np=2, timeout=120) == [expected] * 2
 
 
+def _wait_modes_rank():
+    """Two layers in one process, one waiting with a sleeping poll, one with Horovod's own wait, on the same
+    batch: how each waited (hvd.poll calls while it waited, per collective), and what it computed."""
+    _init()
+    layers = {wait: SyncBatchNorm(3, wait=wait) for wait in ("sleep", "horovod")}
+    gen = torch.Generator().manual_seed(hvd.rank())
+    x, dy = torch.randn(2 + hvd.rank(), 3, 4, generator=gen), torch.randn(2 + hvd.rank(), 3, 4, generator=gen)
+    results = {}
+    for wait, layer in layers.items():
+        waits, polls = [], []
+
+        def told(name, event):
+            if event == "wait":
+                waits.append(name)
+                polls.append(0)
+
+        def poll(handle, real=hvd.poll):
+            polls[-1] += 1
+            return real(handle)
+
+        xi = x.clone().requires_grad_()
+        with register_collective_hook(told), mock.patch.object(hvd, "poll", poll):
+            y = layer(xi)
+            y.backward(dy)
+        results[wait] = {"polls": dict(zip(waits, polls)), "output": y.detach(), "grad_input": xi.grad,
+                         "grad_weight": layer.weight.grad, "running_var": layer.running_var}
+    return results
+
+
+@pytest.mark.multirank
+def test_layers_of_one_process_wait_each_as_built():
+    """The wait is a layer's own (not the process's): the "sleep" layer polls in each of its three waits, the
+    "horovod" layer never polls; both compute the same thing, bit for bit."""
+    for ranks in run_ranks(_wait_modes_rank, np=2, timeout=120):
+        sleeping, spinning = ranks["sleep"], ranks["horovod"]
+        assert list(sleeping["polls"]) == ["sync_bn.0.sum", "sync_bn.0.sqdev", "sync_bn.0.grad"]
+        assert all(n >= 1 for n in sleeping["polls"].values())
+        assert spinning["polls"] == {"sync_bn.1.sum": 0, "sync_bn.1.sqdev": 0, "sync_bn.1.grad": 0}
+        for key in ("output", "grad_input", "grad_weight", "running_var"):
+            assert torch.equal(sleeping[key], spinning[key]), key
+
+
 def _host_reads_rank():
     hvd.init()
     layers = [SyncBatchNorm(3, two_phase=two_phase) for two_phase in (True, False)]
@@ -707,28 +755,35 @@ def _fused_kernels_rank():
     results = {}
     for fused in (False, True):
         torch.manual_seed(0)
-        layers = [SyncBatchNorm(3, two_phase=t, affine=a).double()
+        layers = [SyncBatchNorm(3, two_phase=t, affine=a, cuda_kernels=fused).double()
                   for t, a in ((True, True), (False, True), (True, False))]
         gen = torch.Generator().manual_seed(hvd.rank())
         xs = [torch.randn(2 + hvd.rank(), 3, 4, 5, generator=gen, dtype=torch.float64).requires_grad_()
               for _ in layers]
         with contextlib.ExitStack() as stack:
+            # The layer's choice, with "on a GPU" left out: the CPU stand-ins below replace the kernels.
+            stack.enter_context(mock.patch.object(sync_bn, "_fused", lambda x, cuda_kernels: cuda_kernels
+                                                  and x.numel() > 0))
             if fused:
-                stack.enter_context(mock.patch.object(sync_bn, "_fused", lambda x: x.numel() > 0))
-                stack.enter_context(mock.patch.multiple(torch, batch_norm_stats=_reference_stats,
-                                                        batch_norm_backward_reduce=_reference_backward_reduce,
-                                                        batch_norm_backward_elemt=_reference_backward_elemt))
+                kernels = {"batch_norm_stats": mock.Mock(wraps=_reference_stats),
+                           "batch_norm_backward_reduce": mock.Mock(wraps=_reference_backward_reduce),
+                           "batch_norm_backward_elemt": mock.Mock(wraps=_reference_backward_elemt)}
+                stack.enter_context(mock.patch.multiple(torch, **kernels))
             outs = [layer(x) for layer, x in zip(layers, xs)]
             sum((y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).sin()).sum() for y in outs).backward()
         results[fused] = ([y.detach() for y in outs], [x.grad for x in xs],
                           [p.grad for layer in layers for p in layer.parameters()],
                           [b.clone() for layer in layers for b in layer.buffers()])
+    results["kernel_calls"] = {name: kernel.call_count for name, kernel in kernels.items()}
     return results
 
 
 @pytest.mark.multirank
 def test_fused_cuda_kernel_path_equals_the_torch_ops_path():
     for results in run_ranks(_fused_kernels_rank, np=2, timeout=120):
+        # cuda_kernels=True reached each layer's forward and backward: one call of each kernel per layer
+        assert results["kernel_calls"] == {"batch_norm_stats": 3, "batch_norm_backward_reduce": 3,
+                                           "batch_norm_backward_elemt": 3}
         for fused, plain in zip(results[True], results[False]):
             for a, b in zip(fused, plain):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

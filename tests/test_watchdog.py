@@ -15,7 +15,7 @@ import pytest
 from horovod.torch import mpi_ops
 
 from hvd_megdet import sync_bn, watchdog
-from hvd_megdet.watchdog import Watchdog, probe
+from hvd_megdet.watchdog import State, Watchdog, probe
 
 
 def test_a_probe_tells_an_answer_from_an_exited_and_a_frozen_process():
@@ -52,7 +52,7 @@ def test_a_probe_that_cannot_connect_calls_the_peer_unreachable(monkeypatch):
 def test_status_names_the_collective_a_thread_waits_in_and_where_it_was_called(monkeypatch):
     """A function in one of the collectives' files counts as a collective (here: this test file, declared one).
     The watched thread writes its own stack: reading another thread's frames can crash Python 3.11."""
-    monkeypatch.setattr(watchdog, "_COLLECTIVE_FILES", (__file__,))
+    monkeypatch.setattr(watchdog, "_collective_files", lambda: frozenset([__file__]))
     monkeypatch.setattr(sys, "_current_frames", lambda: pytest.fail("read another thread's frames from Python"))
     monkeypatch.setattr(mpi_ops, "_handle_map", {})
     entered, release = threading.Event(), threading.Event()
@@ -78,6 +78,14 @@ def test_status_names_the_collective_a_thread_waits_in_and_where_it_was_called(m
     assert first["waiting_s"] == 0.0 and same_wait["waiting_s"] >= 0.3 and new_wait["waiting_s"] == 0.0
 
 
+def test_the_collective_files_are_the_modules_that_wait_for_peers():
+    from horovod.torch import functions, mpi_ops, optimizer
+
+    files = watchdog._collective_files()
+    assert files == {mpi_ops.__file__, functions.__file__, optimizer.__file__, sync_bn.__file__}
+    assert all(os.path.isfile(f) for f in files)
+
+
 def test_status_names_a_collective_that_waits_off_the_main_thread(monkeypatch):
     """CGBN's waits announce themselves through sync_bn's collective hook on whatever thread runs them (on GPU,
     autograd's device threads run the backward), and the longest wait is the rank's: no thread's frames are
@@ -90,7 +98,7 @@ def test_status_names_a_collective_that_waits_off_the_main_thread(monkeypatch):
 
     def backward_like():
         for handle, name in enumerate(["sync_bn.0.grad", "sync_bn.1.grad"]):
-            sync_bn._allreduce_wait(sync_bn._Allreduce(handle, name), on_gpu=False)
+            sync_bn._allreduce_wait(sync_bn._Allreduce(handle, name), poll=20e-6)
 
     def status_once(collective):
         deadline = time.monotonic() + 10
@@ -235,3 +243,74 @@ def test_a_monitor_whose_rank_lost_its_launcher_ends_it_and_tells_peers_so():
         rank.kill()
         monitor.kill()
         status_server.close()
+
+
+# The monitor's state machine, without processes: each transition takes the time.
+LINGER, GRACE = watchdog._LINGER, watchdog._EXIT_GRACE
+
+
+def test_a_watching_monitor_tells_nothing_and_stops_with_its_rank():
+    machine = watchdog._StateMachine()
+    assert machine.state is State.WATCHING and machine.watching
+    assert machine.told() == {"terminated": False, "reported": False}
+    assert not machine.lingers(0.0) and not machine.overdue(1e9)
+
+
+def test_the_launchers_sigterm_is_told_once_and_the_rank_is_watched_still():
+    machine = watchdog._StateMachine()
+    assert machine.terminate(10.0)  # the first SIGTERM: name the ranks gone before
+    assert not machine.terminate(11.0)  # the rank's and the monitor's own SIGTERM come together: once
+    assert (machine.state, machine.since) == (State.TERMINATED, 10.0) and machine.watching
+    assert machine.told() == {"terminated": True, "reported": False}
+    assert machine.lingers(10.0 + LINGER - 0.1) and not machine.lingers(10.0 + LINGER)
+    machine.report(20.0)  # a stall line after all
+    assert (machine.state, machine.since) == (State.REPORTED, 20.0) and not machine.watching
+    assert machine.told() == {"terminated": True, "reported": True}
+    assert machine.lingers(20.0 + LINGER - 0.1) and not machine.lingers(20.0 + LINGER)
+
+
+def test_a_stall_line_is_reported_once_and_a_later_sigterm_keeps_it():
+    machine = watchdog._StateMachine()
+    machine.report(5.0)
+    assert (machine.state, machine.since) == (State.REPORTED, 5.0) and not machine.watching
+    assert machine.told() == {"terminated": False, "reported": True}
+    assert machine.terminate(7.0)  # peers read "reported" first; the monitor lingers from the SIGTERM
+    assert machine.state is State.REPORTED and machine.told() == {"terminated": True, "reported": True}
+    assert machine.lingers(7.0 + LINGER - 0.1) and not machine.lingers(7.0 + LINGER)
+
+
+def test_a_rank_ending_after_its_own_error_has_its_grace_from_its_last_word():
+    machine = watchdog._StateMachine()
+    machine.end(5.0)
+    assert (machine.state, machine.since) == (State.ENDING, 5.0) and not machine.watching
+    assert machine.told() == {"terminated": False, "reported": True}
+    assert not machine.overdue(5.0 + GRACE - 0.1) and machine.overdue(5.0 + GRACE)
+    machine.end(8.0)  # said again: its grace starts again
+    assert not machine.overdue(8.0 + GRACE - 0.1) and machine.overdue(8.0 + GRACE)
+    assert machine.terminate(9.0)  # the launcher's SIGTERM leaves it ENDING, its grace unchanged
+    assert (machine.state, machine.since) == (State.ENDING, 8.0) and machine.overdue(8.0 + GRACE)
+    assert machine.told() == {"terminated": True, "reported": True}
+    assert machine.lingers(9.0 + LINGER - 0.1) and not machine.lingers(9.0 + LINGER)
+
+
+def test_a_reported_rank_that_says_it_ends_is_ending():
+    machine = watchdog._StateMachine()
+    machine.report(1.0)
+    machine.end(2.0)
+    assert (machine.state, machine.since) == (State.ENDING, 2.0) and machine.overdue(2.0 + GRACE)
+    assert machine.told() == {"terminated": False, "reported": True}
+
+
+def test_a_lost_output_is_the_launchers_end_with_nobody_to_name():
+    machine = watchdog._StateMachine()
+    machine.lose_output(1.0)
+    assert (machine.state, machine.since) == (State.TERMINATED, 1.0)
+    machine.lose_output(2.0)  # seen again at the next tick, until the rank has exited
+    assert (machine.state, machine.since) == (State.TERMINATED, 2.0)
+    assert not machine.terminate(3.0)  # a SIGTERM now names nobody: the launcher's end is known already
+    assert machine.told() == {"terminated": True, "reported": False}
+    assert machine.lingers(2.0 + LINGER - 0.1) and not machine.lingers(2.0 + LINGER)
+    machine.report(4.0)
+    machine.lose_output(5.0)  # in REPORTED (or ENDING) the state stays
+    assert (machine.state, machine.since) == (State.REPORTED, 4.0)
+    assert machine.told() == {"terminated": True, "reported": True} and not machine.lingers(5.0 + LINGER)

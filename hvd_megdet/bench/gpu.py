@@ -10,7 +10,7 @@ the JSON is rewritten after each, so a run stopped at its time limit keeps what 
 
   environment   torch, CUDA, the GPU, Horovod's build flags (and --setup's key=value lines: set-up times)
   bn np1        CGBN against nn.BatchNorm2d, both against a float64 reference: float32, bfloat16, float16;
-                torch's fused kernels off and on (sync_bn.use_fused_cuda_kernels); two_phase True and False;
+                torch's fused kernels off and on (SyncBatchNorm's cuda_kernels); two_phase True and False;
                 contiguous and channels_last; through CGBN's collective path over the one rank of this process
                 (a world of 1 otherwise normalizes locally)
   throughput    R50-FPN at 800x1333, 2 synthetic images per step: hvd_megdet's detector (CGBN, bf16 autocast,
@@ -248,7 +248,8 @@ def compare_bn(device, dtype, fused, two_phase, channels_last, rank=0, sizes=(4,
     gen = torch.Generator().manual_seed(1)
     weight, bias = torch.rand(channels, generator=gen) + 0.5, torch.rand(channels, generator=gen) - 0.5
     layers = {"reference": nn.BatchNorm2d(channels).double(), "batchnorm": nn.BatchNorm2d(channels).to(device),
-              "cgbn": _force_collectives(sync_bn.SyncBatchNorm(channels, two_phase=two_phase).to(device))}
+              "cgbn": _force_collectives(sync_bn.SyncBatchNorm(channels, two_phase=two_phase, cuda_kernels=fused)
+                                         .to(device))}
     with torch.no_grad():
         for layer in layers.values():
             layer.weight.copy_(weight)
@@ -257,13 +258,9 @@ def compare_bn(device, dtype, fused, two_phase, channels_last, rank=0, sizes=(4,
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     on_device = {name: t.to(device, dtype).contiguous(memory_format=fmt) for name, t in (("x", x64), ("dy", dy64))}
 
-    sync_bn.use_fused_cuda_kernels(fused)
-    try:
-        ref = _bn_results(layers["reference"], x64, dy64)
-        bn = _bn_results(layers["batchnorm"], on_device["x"], on_device["dy"])
-        cgbn = _bn_results(layers["cgbn"], on_device["x"][lo:hi], on_device["dy"][lo:hi])
-    finally:
-        sync_bn.use_fused_cuda_kernels(False)
+    ref = _bn_results(layers["reference"], x64, dy64)
+    bn = _bn_results(layers["batchnorm"], on_device["x"], on_device["dy"])
+    cgbn = _bn_results(layers["cgbn"], on_device["x"][lo:hi], on_device["dy"][lo:hi])
     if len(sizes) > 1:
         for key in ("grad_weight", "grad_bias"):
             # Horovod: CGBN's weight and bias gradients are per-rank partial sums; their sum is BatchNorm's.
@@ -380,13 +377,13 @@ def build_detector(name, device, height, width, **detector_kwargs):
     fasterrcnn_resnet50_fpn without weights (so its ResNet has trainable nn.BatchNorm2d, like ours), resizing
     to the batch's own size; or hvd_megdet's R50-FPN with CGBN (two_phase=True), channels_last.
     `detector_kwargs` go to torchvision's FasterRCNN in both (the dry run samples fewer boxes)."""
-    ours, collectives, _, box_head = VARIANTS[name]
+    ours, collectives, fused, box_head = VARIANTS[name]
     torch.manual_seed(0)
     if ours:
         from hvd_megdet.model import build_model, use_channels_last
 
         model = use_channels_last(build_model(NUM_CLASSES, "resnet50", norm="cgbn", two_phase=True,
-                                              box_head=box_head, **detector_kwargs))
+                                              cgbn_cuda_kernels=fused, box_head=box_head, **detector_kwargs))
         if collectives:
             _force_collectives(model)
     else:
@@ -421,8 +418,6 @@ def throughput(device, height, width, rounds, iters, warmup, names, **detector_k
     variant (in an order rotating every round) runs `iters` timed steps on the same batch. Returns
     {"variants": {name: {"images_per_s" (median over rounds), "per_round", "loss", "peak_memory_gib"}},
     "ratio_vs_torchvision": {name: median ratio}, "per_round_ratio", "target", "target_met"}."""
-    from hvd_megdet import sync_bn
-
     images, targets = synthetic_batch(device, height, width)
     models = {name: build_detector(name, device, height, width, **detector_kwargs) for name in names}
     # bf16 autocast on the GPU; not on the CPU (the dry run), where bf16 convolutions without bf16 units are
@@ -433,13 +428,9 @@ def throughput(device, height, width, rounds, iters, warmup, names, **detector_k
 
     def steps(name, n):
         model, optimizer = models[name]
-        ours, _, fused, _ = VARIANTS[name]
-        sync_bn.use_fused_cuda_kernels(fused)
-        try:
-            for _ in range(n):
-                losses[name] = train_step(model, optimizer, images, targets, amp=amp and ours)
-        finally:
-            sync_bn.use_fused_cuda_kernels(False)
+        ours = VARIANTS[name][0]
+        for _ in range(n):
+            losses[name] = train_step(model, optimizer, images, targets, amp=amp and ours)
 
     for name in names:
         if device.type == "cuda":

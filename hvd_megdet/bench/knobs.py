@@ -5,8 +5,9 @@
 Runs `horovodrun -np N -H localhost:N --gloo python -m hvd_megdet.bench.knobs --probe FILE` once per setting
 (HOROVOD_CYCLE_TIME x HOROVOD_CACHE_CAPACITY) and round; the settings take turns in every round, so a change
 in machine load hits them all alike. Each probe measures, slowest rank:
-  allreduce  one Horovod allreduce of 129 float32 (a 64-channel CGBN statistic) waited for as CGBN waits,
-             median of back-to-back calls
+  allreduce  one CGBN allreduce, as a layer issues and waits for it: the 129 float64 moments of a 64-channel
+             layer with two_phase=False on a (2, 64) input, from its start to the end of its wait (timed by
+             sync_bn's collective hook), median of back-to-back forwards
   cgbn       forward + backward of a CGBN layer (two_phase=True, 3 allreduces) on a small feature map,
              median: what a latency-bound layer costs
   compute    10 forward + backward of the same layer as local nn.BatchNorm2d, no collective, median: the CPU
@@ -61,6 +62,28 @@ def _median_seconds(fn, iters, barrier):
     return statistics.median(times)
 
 
+def _median_collective_seconds(fn, iters, barrier):
+    """Median over `iters` calls of fn, every call started after `barrier()`, of the mean time of the CGBN
+    collectives it runs, each from its start to the end of its wait (sync_bn's collective hook)."""
+    from hvd_megdet import sync_bn
+
+    seconds, means = [], []
+
+    def timed(name, event):
+        if event == "start":
+            seconds.append(-time.perf_counter())
+        elif event == "end":
+            seconds[-1] += time.perf_counter()
+
+    with sync_bn.register_collective_hook(timed):
+        for _ in range(iters):
+            barrier()
+            seconds.clear()
+            fn()
+            means.append(statistics.fmean(seconds))
+    return statistics.median(means)
+
+
 def probe(iters):
     """Rank side: {column: value} of this rank (see the module docstring)."""
     import horovod.torch as hvd
@@ -71,23 +94,24 @@ def probe(iters):
 
     dist.init()
     torch.set_num_threads(dist.torch_threads_per_rank())
-    stats = torch.zeros(129)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(hvd.rank())).requires_grad_()
     grad = torch.randn(SHAPE)
     cgbn, local = sync_bn.SyncBatchNorm(SHAPE[1]), nn.BatchNorm2d(SHAPE[1])
+    # One allreduce per forward (1 + 2 x 64 values); its local work is on 128 values, next to nothing.
+    statistics_only, stats_x = sync_bn.SyncBatchNorm(SHAPE[1], two_phase=False), torch.randn(2, SHAPE[1])
 
     def step(layer):
         x.grad = None
         layer(x).backward(grad)
 
-    def allreduce_batch():  # 10 back-to-back allreduces, waited for as CGBN waits; spreads the barrier's cost
+    def allreduce_batch():  # 10 back-to-back allreduces; spreads the barrier's cost
         for _ in range(10):
-            sync_bn._allreduce_wait(sync_bn._allreduce_start(stats, "knobs.stats", hvd.global_process_set), False)
+            statistics_only(stats_x)
 
     for _ in range(10):  # warm-up: negotiation of every name, the response cache filled
         allreduce_batch(), step(cgbn), step(local)
     barrier = hvd.barrier
-    result = {"allreduce_us": _median_seconds(allreduce_batch, iters // 10, barrier) / 10 * 1e6,
+    result = {"allreduce_us": _median_collective_seconds(allreduce_batch, iters // 10, barrier) * 1e6,
               "cgbn_ms": _median_seconds(lambda: step(cgbn), iters, barrier) * 1e3,
               "compute_ms": _median_seconds(lambda: [step(local) for _ in range(10)], iters // 10, barrier) * 1e3}
     per_rank = dist.gather_object(result, name="knobs.result")

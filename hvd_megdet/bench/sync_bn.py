@@ -7,8 +7,8 @@ Shapes are per rank, N x C x H x W. The issue's detector feature maps (2x256x200
 2x1024x50x76) take seconds per layer on a 2-core CPU, so the default divides H and W by 4 (16x fewer
 elements); --full runs them as they are. In the same run, on the same shapes, it times:
   - hvd_megdet SyncBatchNorm, two_phase=True and False (Horovod allreduce); two_phase=True again with
-    Horovod's spinning wait instead of CGBN's sleep-poll, and with the allreduces replaced by the identity
-    ("arithmetic only": what CGBN's local work costs, against local BatchNorm);
+    Horovod's spinning wait instead of CGBN's sleep-poll (wait="horovod"), and with Horovod's allreduce
+    standing in as the identity ("arithmetic only": what CGBN's local work costs, against local BatchNorm);
   - local nn.BatchNorm2d (no synchronization: the floor);
   - naive sync BN, detectron2's approach: one torch.distributed all_reduce of [mean, mean of squares] forward
     and one backward (equal batch sizes only, biased running variance), on Gloo (CPU) or NCCL (GPU);
@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from hvd_megdet import sync_bn
 from hvd_megdet.sync_bn import SyncBatchNorm
 
 ISSUE_SHAPES = [(2, 256, 200, 304), (2, 64, 400, 608), (2, 1024, 50, 76)]
@@ -113,7 +112,7 @@ def _layers(device):
     layers = {
         "CGBN two_phase=True": lambda c: SyncBatchNorm(c, two_phase=True),
         "CGBN two_phase=False": lambda c: SyncBatchNorm(c, two_phase=False),
-        "CGBN two_phase=True, spin wait": lambda c: _spin_waiting(SyncBatchNorm(c, two_phase=True)),
+        "CGBN two_phase=True, spin wait": lambda c: SyncBatchNorm(c, two_phase=True, wait="horovod"),
         "CGBN two_phase=True, arithmetic only": lambda c: _without_collectives(SyncBatchNorm(c, two_phase=True)),
         "local nn.BatchNorm2d": nn.BatchNorm2d,
         "naive sync BN (torch.distributed)": NaiveSyncBatchNorm,
@@ -138,27 +137,28 @@ def count_collectives():
         yield lambda: sum(m.call_count for m in mocks)
 
 
-def _spin_waiting(layer):
-    """Mark a CGBN layer to wait for its allreduces with hvd.synchronize's spin (before the sleep-poll wait)."""
-    layer.spin_wait = True
-    return layer
-
-
 def _without_collectives(layer):
-    """Mark a CGBN layer to run with its allreduces replaced by the identity: its local arithmetic alone
-    (statistics of this rank's batch only; for timing, not for results)."""
+    """Mark a CGBN layer to run as if alone in its process set: see `_identity_allreduces`."""
     layer.no_collectives = True
     return layer
+
+
+def _identity_allreduces():
+    """Horovod's asynchronous allreduce, as SyncBatchNorm calls it, standing in as the identity: the tensor is
+    its own handle, always ready, and its own result. A CGBN layer then does all of its local work (the same
+    torch ops, its collective hook told as usual) and no collective: statistics of this rank's batch only,
+    for timing, not for results. The stand-in replaces Horovod's public functions (allreduce_async_, poll,
+    synchronize), the boundary sync_bn talks through, so sync_bn's own code runs unchanged. Not a layer with
+    process_set=LOCAL instead: a layer of one rank normalizes with torch's own BatchNorm kernel, which is the
+    "local nn.BatchNorm2d" row, not CGBN's arithmetic."""
+    return mock.patch.multiple(hvd, allreduce_async_=lambda tensor, **kwargs: tensor, poll=lambda handle: True,
+                               synchronize=lambda handle: handle)
 
 
 def _step(layer, x, grad, device):
     x.grad = None
     layer.zero_grad()
-    patches = {"_wait": {"mode": "horovod"}} if getattr(layer, "spin_wait", False) else {}
-    if getattr(layer, "no_collectives", False):
-        patches.update(_allreduce_start=lambda tensor, name, process_set: tensor,
-                       _allreduce_wait=lambda tensor, on_gpu: tensor)
-    with mock.patch.multiple(sync_bn, **patches) if patches else contextlib.nullcontext():
+    with _identity_allreduces() if getattr(layer, "no_collectives", False) else contextlib.nullcontext():
         layer(x).backward(grad)
     if device.type == "cuda":
         torch.cuda.synchronize()

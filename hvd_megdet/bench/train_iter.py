@@ -23,8 +23,8 @@ are medians of the mean over ranks (one rank's allreduce wait overlaps the other
 taken per phase would not add up).
 
 A second table splits the cost of CGBN's allreduces (timed iterations of both cgbn models), from the times
-at which each rank starts and finishes waiting for each of them (sync_bn's _allreduce_start and
-_allreduce_wait, wrapped; perf_counter is CLOCK_MONOTONIC, comparable between the ranks of one host):
+at which each rank starts each of them and finishes waiting for it (sync_bn.register_collective_hook's
+"start" and "end"; perf_counter is CLOCK_MONOTONIC, comparable between the ranks of one host):
   skew        last rank's start - first rank's start: time the first rank waits for the others to arrive
   after all   last rank's end - last rank's start: Horovod's own latency once every rank has asked
 
@@ -99,29 +99,22 @@ class _Clock:
 
 
 class _CollectiveLog:
-    """[name, start, end] of every CGBN allreduce while `recording`, from wrappers around sync_bn's
-    _allreduce_start / _allreduce_wait (module attributes, so sync_bn itself is unchanged)."""
+    """[name, start, end] of every CGBN allreduce started while `recording`, from sync_bn's collective hook:
+    "start" just before the allreduce is started, "end" when its wait is over. A collective's name is unique
+    while it is in flight (one per layer and direction), so it pairs the two."""
 
     def __init__(self):
         from hvd_megdet import sync_bn
 
         self.events, self.recording, self._pending = [], False, {}
-        start, wait = sync_bn._allreduce_start, sync_bn._allreduce_wait
+        self.handle = sync_bn.register_collective_hook(self._told)
 
-        def timed_start(tensor, name, process_set):
-            handle = start(tensor, name, process_set)
-            if self.recording:
-                self._pending[handle] = len(self.events)
-                self.events.append([name, time.perf_counter(), None])
-            return handle
-
-        def timed_wait(handle, on_gpu):
-            out = wait(handle, on_gpu)
-            if handle in self._pending:
-                self.events[self._pending.pop(handle)][2] = time.perf_counter()
-            return out
-
-        sync_bn._allreduce_start, sync_bn._allreduce_wait = timed_start, timed_wait
+    def _told(self, name, event):
+        if event == "start" and self.recording:
+            self._pending[name] = len(self.events)
+            self.events.append([name, time.perf_counter(), None])
+        elif event == "end" and name in self._pending:
+            self.events[self._pending.pop(name)][2] = time.perf_counter()
 
 
 def summarize_collectives(per_rank, iters):
@@ -238,6 +231,7 @@ def run(args):
                 times["data"].append(data_time)
 
         collectives.recording = False
+        collectives.handle.remove()
         if args.trace:
             for norm in NORMS:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
