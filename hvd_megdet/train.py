@@ -71,8 +71,8 @@ def restore_latest(out, model, optimizer):
 @dataclass
 class Progress:
     """Where training stands: the next iteration to run (also the training sampler's position), the number
-    of skipped steps and of fp16 loss-scaling overflows. In elastic mode Horovod's TorchState carries the
-    same counters."""
+    of skipped steps and of fp16 loss-scaling overflows; checkpoints keep all three. In elastic mode
+    elastic.TrainingState carries the same counters."""
     iteration: int = 0
     skipped: int = 0
     overflows: int = 0
