@@ -76,6 +76,9 @@ class InputConfig:
 @dataclass
 class SolverConfig:
     ims_per_gpu: int = 2
+    # sgd | lars: SGD with momentum, or with LARS's layer-wise trust ratio (solver.LARS), for large batches
+    optimizer: str = "sgd"
+    lars_eta: float = 0.001  # LARS trust coefficient: before momentum, a layer steps lars_eta x lr x its weight norm
     base_lr: float = 0.02  # lr for a global batch of base_batch images (linear scaling rule)
     base_batch: int = 16
     max_iter: int = 90000
@@ -107,6 +110,13 @@ class TestConfig:
 
 
 @dataclass
+class PretrainConfig:
+    # hvd_megdet.pretrain: crops of the data.train objects (and background squares), resized to this many pixels
+    crop_size: int = 64
+    context: float = 0.25  # added on each side of an object's crop, as a fraction of its longer side
+
+
+@dataclass
 class ElasticConfig:
     # With --elastic, commit (copy) the model and optimizer state every this many iterations: a lost worker
     # rolls the others back to the last commit. Often enough to lose little work, not at every step, as
@@ -122,6 +132,7 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     test: TestConfig = field(default_factory=TestConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "off"  # off | bf16 | fp16 autocast (fp16 with loss scaling); boxes are decoded in float32
     channels_last: bool = False
@@ -142,20 +153,21 @@ CHOICES = {
     "model.cgbn_wait": ("auto", "sleep", "horovod"),
     "model.box_head": ("auto", "mlp", "conv"),
     "solver.schedule": ("step", "cosine"),
+    "solver.optimizer": ("sgd", "lars"),
     "solver.nonfinite": ("skip", "stop"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("off", "bf16", "fp16"),
 }
 POSITIVE = ("model.rpn_pre_nms_top_n_train", "model.rpn_post_nms_top_n_train", "model.rpn_pre_nms_top_n_test",
             "model.rpn_post_nms_top_n_test", "model.box_batch_size_per_image", "model.box_detections_per_img",
-            "solver.ims_per_gpu", "solver.base_lr", "solver.base_batch", "solver.max_iter",
+            "solver.ims_per_gpu", "solver.base_lr", "solver.lars_eta", "solver.base_batch", "solver.max_iter",
             "solver.backward_passes_per_step", "input.max_size", "checkpoint_period", "log_period",
-            "elastic.commit_period")
+            "elastic.commit_period", "pretrain.crop_size")
 NON_NEGATIVE = ("model.bn_group_size", "solver.warmup_iters", "solver.momentum", "solver.weight_decay",
                 "solver.weight_decay_norm", "solver.clip_grad_norm", "eval_period", "data.num_workers",
                 "solver.allreduce_groups",
                 "test.precise_bn_iters",
-                "input.test_min_size", "stall_limit")
+                "input.test_min_size", "stall_limit", "pretrain.context")
 
 
 def _check_type(value, tp, key, where):

@@ -71,9 +71,70 @@ def param_groups(model, solver):
             {"params": norm, "weight_decay": solver.weight_decay_norm}]
 
 
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (LARS; You, Gitman & Ginsburg, "Large Batch
+    Training of Convolutional Networks", 2017), for the batches where the linear scaling rule alone stops
+    working: each parameter tensor of a group with `trust` gets its own lr factor, the trust ratio
+    eta x ||w|| / ||g + weight_decay x w||, so that its step is eta x lr times its own norm whatever the size
+    of its gradient. Groups without `trust` (norm layers and biases, as in the paper and its successors) are
+    plain SGD. Per tensor, with d = g + weight_decay x w:
+
+        d <- trust_ratio x d   (trust groups; the ratio is 1 where ||w|| or ||d|| is 0)
+        buf <- momentum x buf + d;   w <- w - lr x buf
+
+    the momentum and lr placement of torch.optim.SGD, whose "momentum_buffer" state it keeps (checkpoints,
+    `init_optimizer_state`). Under hvd.DistributedOptimizer `step` runs on the averaged gradient, so every rank
+    computes the same ratio; after GradScaler.unscale_ and gradient clipping, like SGD's step.
+    """
+
+    def __init__(self, params, lr=0.001, momentum=0.9, weight_decay=0.0, eta=0.001, trust=True):
+        # Defaults for every argument: hvd.DistributedOptimizer rebuilds the optimizer from its param groups alone.
+        if not eta > 0:
+            raise ValueError(f"LARS eta must be positive, got {eta!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, trust=trust))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
+                if group["trust"]:
+                    d.mul_(trust_ratio(p, d, group["eta"]))
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d
+                else:
+                    buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def trust_ratio(weight, update, eta):
+    """LARS's layer-wise factor eta x ||weight|| / ||update|| (update: the gradient plus weight decay), as a
+    0-dim tensor; 1 where either norm is 0 (a zero-initialised layer, a zero gradient)."""
+    w_norm, d_norm = torch.linalg.vector_norm(weight), torch.linalg.vector_norm(update)
+    return torch.where((w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, torch.ones_like(w_norm))
+
+
 def build_optimizer(model, solver, lr):
-    """SGD with momentum over `param_groups`, starting at `lr`."""
-    return torch.optim.SGD(param_groups(model, solver), lr=lr, momentum=solver.momentum)
+    """The optimizer of solver.optimizer over `param_groups`, starting at `lr`: SGD with momentum, or LARS
+    with trust coefficient solver.lars_eta, the trust ratio on the weights of convolutions and linear layers
+    only (their biases and the norm layers' parameters are plain SGD)."""
+    groups = param_groups(model, solver)
+    if solver.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=solver.momentum)
+    decay, norm = groups
+    weights = [p for p in decay["params"] if p.ndim > 1]
+    biases = [p for p in decay["params"] if p.ndim <= 1]
+    return LARS([{"params": weights, "weight_decay": solver.weight_decay, "trust": True},
+                 {"params": biases, "weight_decay": solver.weight_decay, "trust": False},
+                 {**norm, "trust": False}], lr=lr, momentum=solver.momentum, eta=solver.lars_eta)
 
 
 def init_optimizer_state(optimizer):

@@ -113,6 +113,9 @@ def bad_val_image(shapes, tmp_path_factory):
 def scenarios(shapes, bad_image, one_image, bad_val_image, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     fp16 = {"amp": "fp16", "solver.nonfinite": "stop", "solver.max_iter": 4, "checkpoint_period": 2}
+    # LARS under everything around the optimizer step: Horovod's averaging, gradient accumulation, fp16 loss
+    # scaling, checkpoints and resume.
+    lars = {**fp16, "solver.optimizer": "lars", "solver.lars_eta": 0.02, "solver.backward_passes_per_step": 2}
     val = {"data.val.images": bad_val_image[0] / "val",
            "data.val.annotations": bad_val_image[0] / "annotations" / "instances_val.json"}
     runs = [("reference", overrides(shapes, out / "reference"), {}),
@@ -124,7 +127,10 @@ def scenarios(shapes, bad_image, one_image, bad_val_image, tmp_path_factory):
             ("bad_val_image", overrides(bad_val_image[0], out / "bad_val_image", **val), {}),
             ("fp16", overrides(shapes, out / "fp16", **fp16), {}),
             ("fp16_first_half", overrides(shapes, out / "fp16_resumed", **{**fp16, "solver.max_iter": 2}), {}),
-            ("fp16_resumed", overrides(shapes, out / "fp16_resumed", **fp16), {"resume": True})]
+            ("fp16_resumed", overrides(shapes, out / "fp16_resumed", **fp16), {"resume": True}),
+            ("lars", overrides(shapes, out / "lars", **lars), {}),
+            ("lars_first_half", overrides(shapes, out / "lars_resumed", **{**lars, "solver.max_iter": 2}), {}),
+            ("lars_resumed", overrides(shapes, out / "lars_resumed", **lars), {"resume": True})]
     results = run_ranks(_scenarios, np=2, args=(runs,), timeout=300)
     return out, results
 
@@ -194,6 +200,14 @@ def test_a_resumed_fp16_run_continues_exactly(scenarios):
     # The counters go on from the checkpoint's, as the loss scale does (no restart at 0).
     for key in ("loss", "amp_overflows", "skipped"):
         assert [r[key] for r in records(out / "fp16_resumed")] == [r[key] for r in records(out / "fp16")], key
+
+
+def test_a_lars_run_with_accumulation_and_fp16_keeps_the_ranks_equal_and_resumes_exactly(scenarios):
+    out, (rank0, rank1) = scenarios
+    assert "digest" in rank0["lars"], rank0["lars"]
+    assert rank0["lars"] == rank1["lars"] == rank0["lars_resumed"] == rank1["lars_resumed"]
+    assert rank0["lars"] != rank0["fp16"]  # the optimizer did change the training
+    assert [r["loss"] for r in records(out / "lars_resumed")] == [r["loss"] for r in records(out / "lars")]
 
 
 def test_fewer_training_images_than_ranks_is_an_error_on_every_rank(scenarios):
