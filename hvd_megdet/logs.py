@@ -127,10 +127,10 @@ class MetricsWriter:
             if k != "iteration":
                 self.tb.add_scalar(f"train/{k}", v, done)
 
-    def write_eval(self, iteration, metrics):
-        """TensorBoard scalars of an evaluation's bbox metrics."""
+    def write_eval(self, iteration, metrics, group="bbox"):
+        """TensorBoard scalars of an evaluation's metrics (the detector's bbox AP, or another `group`)."""
         for k, v in metrics.items():
-            self.tb.add_scalar(f"bbox/{k}", v, iteration)
+            self.tb.add_scalar(f"{group}/{k}", v, iteration)
 
     def close(self):
         self.bar.close()

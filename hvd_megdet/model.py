@@ -321,6 +321,55 @@ def build_model(num_classes, backbone="resnet50", norm="frozen", process_set=Non
     return model
 
 
+class BackboneClassifier(nn.Module):
+    """A detector backbone's ResNet as an image classifier, for `hvd_megdet.pretrain`: the ResNet of
+    `build_model` (same constructor, module names and initialisation), global average pooling and a linear
+    layer `fc`. Its `resnet.state_dict()` has the keys of a torchvision ImageNet ResNet (conv1, bn1,
+    layer1..4, fc), which `load_weights` loads into a detector's backbone; fc is dropped there.
+
+    forward(images, targets=None): images, a list of same-sized CHW float tensors in [0, 1] (as
+    engine.to_device gives), normalized here with the detector's ImageNet mean/std. In training, with
+    targets [{"labels": int64 [1]}, ...], returns {"loss_cls": cross entropy}, the form engine.train_step
+    takes; else the logits [N, num_classes].
+    """
+
+    IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the detector's (GeneralizedRCNNTransform)
+
+    def __init__(self, backbone, num_classes, norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        make_resnet, stage_channels, _, _ = BACKBONES[backbone]
+        self.resnet = make_resnet(norm_layer=norm_layer)
+        self.resnet.fc = nn.Linear(stage_channels[-1], num_classes)
+        self.register_buffer("mean", torch.tensor(self.IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images, targets=None):
+        r = self.resnet
+        x = (torch.stack(list(images)) - self.mean) / self.std
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        logits = r.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        if targets is None:
+            return logits
+        return {"loss_cls": F.cross_entropy(logits, torch.cat([t["labels"] for t in targets]))}
+
+
+def backbone_classifier(backbone, num_classes, norm="cgbn", process_set=None, two_phase=True, cgbn_wait="auto"):
+    """A BackboneClassifier of `backbone` with `num_classes` outputs, its BatchNorms made CGBN for
+    norm="cgbn" (over `process_set`, as `build_model`), kept per-rank for "bn". "frozen" is refused: a
+    classifier trained from scratch needs trainable statistics."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choices: {sorted(BACKBONES)}")
+    if norm not in ("bn", "cgbn"):
+        raise ValueError(f"pretraining needs norm bn or cgbn, got {norm!r}")
+    model = BackboneClassifier(backbone, num_classes)
+    if norm == "cgbn":
+        from hvd_megdet.sync_bn import convert_sync_batchnorm  # needs Horovod: imported only for CGBN
+
+        model = convert_sync_batchnorm(model, process_set=process_set, two_phase=two_phase, wait=cgbn_wait)
+    return model
+
+
 def detector_from_config(m, num_classes, norm=None, process_set=None, channels_last=False):
     """The detector of model config `m` (config.ModelConfig), with `norm` overriding m.norm (evaluation uses
     plain BN for CGBN), computing in channels_last when asked (`use_channels_last`). A missing or unusable

@@ -200,10 +200,17 @@ class CocoDetection(Dataset):
             raise DatasetError(f"{path}: decoded size {w}x{h} differs from the annotation's {w0}x{h0}{hint}")
         return image
 
+    def annotation(self, i):
+        """Image i's usable boxes and labels without reading the image: {"boxes": float32 [N, 4] xyxy in the
+        original image's pixels, "labels": int64 [N], "width", "height"} (copies)."""
+        lo, hi = self._offsets[i], self._offsets[i + 1]
+        return {"boxes": self._boxes[lo:hi].copy(), "labels": self._labels[lo:hi].copy(),
+                "width": int(self._widths[i]), "height": int(self._heights[i])}
+
     def __getitem__(self, i):
         image = self.read_image(i)
-        lo, hi = self._offsets[i], self._offsets[i + 1]
-        target = {"boxes": self._boxes[lo:hi].copy(), "labels": self._labels[lo:hi].copy()}
+        ann = self.annotation(i)
+        target = {"boxes": ann["boxes"], "labels": ann["labels"]}
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image_to_tensor(image), {
