@@ -91,6 +91,34 @@ def test_seeds_layouts_accumulation_and_the_unscaled_control(tmp_path):
         assert cfg.solver.base_lr * r.batch / cfg.solver.base_batch == pytest.approx(r.lr)
 
 
+def test_optimizer_base_lr_and_warmup_length_axes(tmp_path):
+    """A block can vary the optimizer, the base lr and the warmup length in epochs; names say what differs from
+    the grid's defaults, so a block repeating a default merges with the run it repeats."""
+    runs, _, blocks = expand_file(write_grid(tmp_path, overrides={"solver.base_lr": 0.02, "solver.base_batch": 8},
+                                             axes=[
+        {"batch": [8, 32], "ranks": 2},
+        {"title": "lars", "batch": [32], "ranks": 2, "optimizer": ["lars"], "base_lr": [0.02, 1.5]},
+        {"title": "warmup", "batch": [32], "ranks": 2, "warmup_epochs": [0.5, 1.5], "warmup": [True, False]}]))
+    by_name = {r.name: r for r in runs}
+    assert sorted(by_name) == sorted([
+        "b8_2x4_cgbn8_warmup_s0", "b32_2x16_cgbn32_warmup_s0", "b32_2x16_cgbn32_warmup_lars_s0",
+        "b32_2x16_cgbn32_warmup_lars_lr1.5_s0", "b32_2x16_cgbn32_warmup1.5ep_s0", "b32_2x16_cgbn32_nowarmup_s0"])
+    assert blocks[2] == ("warmup", ["b32_2x16_cgbn32_warmup", "b32_2x16_cgbn32_warmup1.5ep",
+                                    "b32_2x16_cgbn32_nowarmup"])
+    lars = by_name["b32_2x16_cgbn32_warmup_lars_lr1.5_s0"]
+    assert (lars.optimizer, lars.lr) == ("lars", pytest.approx(1.5 * 32 / 8))
+    assert {"solver.optimizer=lars", "solver.base_lr=1.5"} <= set(lars.overrides)
+    assert "solver.optimizer=sgd" in by_name["b32_2x16_cgbn32_warmup_s0"].overrides
+    # 48 images / batch 32 = 2 iterations per epoch: warmup 0.5 epoch = 1 iteration, 1.5 epochs = 3
+    long, short = by_name["b32_2x16_cgbn32_warmup1.5ep_s0"], by_name["b32_2x16_cgbn32_warmup_s0"]
+    assert (long.warmup_epochs, long.warmup_iters, short.warmup_epochs, short.warmup_iters) == (1.5, 3, 0.5, 1)
+    assert by_name["b32_2x16_cgbn32_nowarmup_s0"].warmup_epochs == 0
+    from hvd_megdet.config import load_config
+    cfg = load_config(BASE, lars.overrides)
+    assert (cfg.solver.optimizer, cfg.solver.base_lr * lars.batch / cfg.solver.base_batch) == ("lars",
+                                                                                                pytest.approx(lars.lr))
+
+
 def test_commands_use_the_launcher_for_several_ranks_only(tmp_path):
     grid = load_grid(write_grid(tmp_path, launcher=["mpirun", "-n", "{np}"]))
     runs, _, _ = expand(grid)
@@ -157,11 +185,12 @@ def test_divergence_detection():
     assert runner.divergence([math.nan, math.inf], skipped=2, max_skipped=5) == "no finite loss"
 
 
-def fake_result(name, batch, norm, bn_images, status, ap, reason=None, warmup=True, seed=0, scaling="linear"):
+def fake_result(name, batch, norm, bn_images, status, ap, reason=None, warmup=True, seed=0, scaling="linear",
+                optimizer="sgd"):
     return {"name": f"{name}_s{seed}", "setting": name, "seed": seed, "batch": batch, "ranks": batch // 2,
             "ims_per_gpu": 2, "passes": 1, "norm": norm, "bn_images": bn_images, "lr_scaling": scaling,
-            "lr": 0.02 * (batch if scaling == "linear" else 16) / 16, "warmup": warmup,
-            "warmup_iters": 100 if warmup else 0, "AP": ap, "AP50": None if ap is None else ap + 20,
+            "lr": 0.02 * (batch if scaling == "linear" else 16) / 16, "warmup": warmup, "optimizer": optimizer,
+            "warmup_epochs": 1.0 if warmup else 0.0, "warmup_iters": 100 if warmup else 0, "AP": ap, "AP50": None if ap is None else ap + 20,
             "final_loss": None if ap is None else 0.5, "train_time_s": 5400.0, "status": status, "reason": reason,
             "ap_by_epoch": [] if ap is None else [{"epoch": 1.0, "AP": ap / 2, "AP50": ap / 2 + 10},
                                                   {"epoch": 2.0, "AP": ap, "AP50": ap + 20}]}
@@ -174,20 +203,22 @@ def test_table_has_the_papers_columns_and_pools_the_seeds():
                fake_result("u", 256, "cgbn", 256, "converged", 20.0, scaling="none"),
                fake_result("c", 128, "frozen", 0, "diverged", None, reason="loss exploded | at 3"),
                fake_result("c", 128, "frozen", 0, "converged", 1.0, seed=1),
-               fake_result("d", 64, "bn", 2, "failed", None, reason="exit status 1", warmup=False)]
+               fake_result("d", 64, "bn", 2, "failed", None, reason="exit status 1", warmup=False),
+               fake_result("l", 256, "cgbn", 256, "converged", 38.0, optimizer="lars")]
     lines = report.table(results).splitlines()
-    assert lines[0] == ("| batch | ranks x images | BN | BN size | lr | warmup | seeds | AP | AP50 | spread AP / AP50 "
-                        "| loss | converged | time |")
-    assert len(lines) == 2 + 5
-    assert lines[2] == ("| 16 | 8 x 2 | frozen | - | 0.02 | 100 it | 0, 1 | 30.5 | 50.5 | 1.0 / 1.0 | 0.5 | 2/2 "
-                        "| 1.50 h |")
-    assert lines[3] == ("| 256 | 128 x 2 | CGBN | 256 | 0.32 | 100 it | 0 | 37.0 | 57.0 | - / - | 0.5 | 1/1 "
-                        "| 1.50 h |")
-    assert lines[4].startswith("| 256 | 128 x 2 | CGBN | 256 | 0.02 (unscaled) | 100 it | 0 | 20.0 |")
-    assert lines[5] == ("| 128 | 64 x 2 | frozen | - | 0.16 | 100 it | 0, 1 | 1.0 | 21.0 | - / - | 0.5 "
+    assert lines[0] == ("| batch | ranks x images | BN | BN size | optimizer | lr | warmup | seeds | AP | AP50 "
+                        "| spread AP / AP50 | loss | converged | time |")
+    assert len(lines) == 2 + 6
+    assert lines[2] == ("| 16 | 8 x 2 | frozen | - | SGD | 0.02 | 1 ep (100 it) | 0, 1 | 30.5 | 50.5 | 1.0 / 1.0 "
+                        "| 0.5 | 2/2 | 1.50 h |")
+    assert lines[3] == ("| 256 | 128 x 2 | CGBN | 256 | SGD | 0.32 | 1 ep (100 it) | 0 | 37.0 | 57.0 | - / - | 0.5 "
+                        "| 1/1 | 1.50 h |")
+    assert lines[4].startswith("| 256 | 128 x 2 | CGBN | 256 | SGD | 0.02 (unscaled) | 1 ep (100 it) | 0 | 20.0 |")
+    assert lines[5] == ("| 128 | 64 x 2 | frozen | - | SGD | 0.16 | 1 ep (100 it) | 0, 1 | 1.0 | 21.0 | - / - | 0.5 "
                         "| 1/2; s0 loss exploded / at 3 | 1.50 h |")
-    assert lines[6] == ("| 64 | 32 x 2 | BN | 2 | 0.08 | no | 0 | - | - | - / - | - | 0/1; s0 failed: exit status 1 "
-                        "| 1.50 h |")
+    assert lines[6] == ("| 64 | 32 x 2 | BN | 2 | SGD | 0.08 | no | 0 | - | - | - / - | - | 0/1; s0 failed: exit "
+                        "status 1 | 1.50 h |")
+    assert lines[7].startswith("| 256 | 128 x 2 | CGBN | 256 | LARS | 0.32 | 1 ep (100 it) | 0 | 38.0 |")
 
     stopped = ("[1]<stderr>:error: FloatingPointError: iteration 7: non-finite loss on rank 0, 1; stopping "
                "(solver.nonfinite=stop); diagnostics in out/nonfinite_0000007.json")
@@ -197,7 +228,7 @@ def test_table_has_the_papers_columns_and_pools_the_seeds():
     epochs = report.epoch_table(results).splitlines()
     assert epochs[0] == "| setting | 1 | 2 |"
     assert epochs[2] == "| a | 15.2 / 25.2 | 30.5 / 50.5 |"
-    assert epochs[-1] == "| d | - | - |" and epochs[-2] == "| c | - | - |"  # c: only epochs all seeds reached
+    assert epochs[-2] == "| d | - | - |" and epochs[-3] == "| c | - | - |"  # c: only epochs all seeds reached
     runs = report.run_table(results).splitlines()
     assert runs[0] == "| run | AP | AP50 | loss | time | outcome |" and len(runs) == 2 + len(results)
     assert runs[2] == "| a_s0 | 30.0 | 50.0 | 0.5 | 1.50 h | converged |"

@@ -17,9 +17,10 @@ from hvd_megdet.solver import scaled_lr
 
 NORMS = ("frozen", "bn", "cgbn")
 LR_SCALINGS = ("linear", "none")
+OPTIMIZERS = ("sgd", "lars")
 # Trainer keys each run sets from the grid's axes and epochs; the grid's `overrides` must not set them.
 RUNNER_KEYS = ("solver.ims_per_gpu", "solver.backward_passes_per_step", "solver.max_iter", "solver.steps",
-               "solver.warmup_iters", "model.norm", "model.bn_group_size", "eval_period", "seed", "output_dir")
+               "solver.warmup_iters", "solver.optimizer", "model.norm", "model.bn_group_size", "eval_period", "seed", "output_dir")
 
 
 @dataclass
@@ -30,6 +31,9 @@ class Axes:
     warmup: list[bool] = field(default_factory=lambda: [True])
     bn_group_size: list[int] = field(default_factory=lambda: [0])
     lr_scaling: list[str] = field(default_factory=lambda: ["linear"])
+    optimizer: list[str] = field(default_factory=lambda: ["sgd"])
+    base_lr: list[float] = field(default_factory=list)  # [] = the base config's solver.base_lr
+    warmup_epochs: list[float] = field(default_factory=list)  # [] = the grid's warmup_epochs
     seed: list[int] = field(default_factory=lambda: [0])
     ranks: int = 0  # 0 = batch / (grid ims_per_gpu x passes)
     backward_passes_per_step: int = 1
@@ -70,7 +74,9 @@ class Run:
     bn_group_size: int  # ranks per CGBN group (cgbn); 0 otherwise
     bn_images: int  # images the BN statistics cover; 0 for frozen
     warmup: bool
+    warmup_epochs: float  # 0 without warmup
     warmup_iters: int
+    optimizer: str  # sgd | lars
     lr_scaling: str  # linear | none
     lr: float  # the peak lr (linear scaling rule, or base_lr for lr_scaling none)
     seed: int
@@ -115,7 +121,8 @@ def load_grid(path):
                 what = (f"{ax.ranks} ranks x {ax.backward_passes_per_step} passes" if ax.ranks
                         else f"ims_per_gpu {grid.ims_per_gpu} x {ax.backward_passes_per_step} passes")
                 raise ConfigError(f"{where}: axes[{i}].batch {b} is not a positive multiple of {what}")
-        for name, values, choices in (("norm", ax.norm, NORMS), ("lr_scaling", ax.lr_scaling, LR_SCALINGS)):
+        for name, values, choices in (("norm", ax.norm, NORMS), ("lr_scaling", ax.lr_scaling, LR_SCALINGS),
+                                      ("optimizer", ax.optimizer, OPTIMIZERS)):
             for value in values:
                 if value not in choices:
                     raise ConfigError(f"{where}: axes[{i}].{name} must be among {', '.join(choices)}, "
@@ -123,6 +130,9 @@ def load_grid(path):
         if any(k < 0 for k in ax.bn_group_size) or any(seed < 0 for seed in ax.seed):
             raise ConfigError(f"{where}: axes[{i}].bn_group_size and seed must be >= 0, got "
                               f"{ax.bn_group_size} and {ax.seed}")
+        if any(lr <= 0 for lr in ax.base_lr) or any(e <= 0 for e in ax.warmup_epochs):
+            raise ConfigError(f"{where}: axes[{i}].base_lr and warmup_epochs must be positive, got "
+                              f"{ax.base_lr} and {ax.warmup_epochs}")
     for key in grid.overrides:
         if key in RUNNER_KEYS:
             raise ConfigError(f"{where}: overrides.{key} is set by the grid itself (axes, epochs)")
@@ -153,30 +163,37 @@ def layout(batch, ax, ims_per_gpu):
 
 
 def _combos(ax, ims_per_gpu, base_batch):
-    """(batch, norm, group size, warmup, lr scaling) of one axes block, CGBN sizes and lr scaling resolved;
-    and skip notes."""
+    """(batch, norm, group size, warmup, lr scaling, optimizer, base lr or None, warmup epochs or None) of one
+    axes block, CGBN sizes and lr scaling resolved; and skip notes."""
     combos, notes = [], []
-    for batch, norm, warmup, scaling in itertools.product(ax.batch, ax.norm, ax.warmup, ax.lr_scaling):
+    for batch, norm, warmup, scaling, optimizer, base_lr, warmup_epochs in itertools.product(
+            ax.batch, ax.norm, ax.warmup, ax.lr_scaling, ax.optimizer, ax.base_lr or [None],
+            ax.warmup_epochs if any(ax.warmup) and ax.warmup_epochs else [None]):
         scaling = "linear" if batch == base_batch else scaling  # unscaled at base_batch is the linear lr
+        rest = (warmup, scaling, optimizer, base_lr, warmup_epochs if warmup else None)
         ranks = layout(batch, ax, ims_per_gpu)[0]
         if norm != "cgbn":
-            combos.append((batch, norm, 0, warmup, scaling))
+            combos.append((batch, norm, 0, *rest))
             continue
         for k in ax.bn_group_size:
             size = k or ranks
             if ranks % size:
                 notes.append(f"batch {batch} cgbn bn_group_size {k}: {size} does not divide {ranks} ranks, skipped")
             elif size == 1:  # statistics of one rank: exactly per-rank BN
-                combos.append((batch, "bn", 0, warmup, scaling))
+                combos.append((batch, "bn", 0, *rest))
             else:
-                combos.append((batch, "cgbn", size, warmup, scaling))
+                combos.append((batch, "cgbn", size, *rest))
     return combos, notes
 
 
-def run_name(batch, ranks, ims, passes, norm, bn_images, warmup, scaling):
-    """The setting's name, e.g. b64_4x2x8_cgbn4_warmup (x passes only when more than 1); runs add _s<seed>."""
+def run_name(batch, ranks, ims, passes, norm, bn_images, warmup, scaling, optimizer="sgd", lr_tag="",
+             warmup_tag=""):
+    """The setting's name, e.g. b64_4x2x8_cgbn4_warmup (x passes only when more than 1), then _unscaled, _lars,
+    and `lr_tag` / `warmup_tag` (e.g. "lr0.1", "5ep": what differs from the grid's defaults); runs add
+    _s<seed>."""
     return (f"b{batch}_{ranks}x{ims}" + (f"x{passes}" if passes > 1 else "") + f"_{norm}{bn_images or ''}"
-            + ("_warmup" if warmup else "_nowarmup") + ("_unscaled" if scaling == "none" else ""))
+            + ("_warmup" + warmup_tag if warmup else "_nowarmup") + ("_unscaled" if scaling == "none" else "")
+            + ("" if optimizer == "sgd" else f"_{optimizer}") + (f"_{lr_tag}" if lr_tag else ""))
 
 
 def expand(grid, where="grid"):
@@ -191,44 +208,50 @@ def expand(grid, where="grid"):
         base_cfg = load_config(grid.base, fixed)
     except ConfigError as e:
         raise ConfigError(f"{where}: base with overrides: {e}") from None
-    base_lr, base_batch = base_cfg.solver.base_lr, base_cfg.solver.base_batch
+    default_lr, base_batch = base_cfg.solver.base_lr, base_cfg.solver.base_batch
     n_images = grid.train_images or count_train_images(base_cfg)
     runs, notes, blocks, seen = [], [], [], set()
     for i, ax in enumerate(grid.axes):
         combos, skip_notes = _combos(ax, grid.ims_per_gpu, base_batch)
         notes += skip_notes
         settings = []
-        for batch, norm, k, warmup, scaling in combos:
+        for batch, norm, k, warmup, scaling, optimizer, base_lr, warmup_epochs in combos:
+            base_lr = default_lr if base_lr is None else base_lr
+            warmup_epochs = (grid.warmup_epochs if warmup_epochs is None else warmup_epochs) if warmup else 0.0
             ranks, ims, passes = layout(batch, ax, grid.ims_per_gpu)
             bn_images = 0 if norm == "frozen" else ims * (k or 1)
-            setting = run_name(batch, ranks, ims, passes, norm, bn_images, warmup, scaling)
+            setting = run_name(batch, ranks, ims, passes, norm, bn_images, warmup, scaling, optimizer,
+                               lr_tag=f"lr{base_lr:g}" if base_lr != default_lr else "",
+                               warmup_tag=f"{warmup_epochs:g}ep" if warmup and warmup_epochs != grid.warmup_epochs
+                               else "")
             settings += [setting] if setting not in settings else []
             ipe = epoch_length(n_images, batch)
             max_iter = max(1, round(grid.epochs * ipe))
-            warmup_iters = max(1, round(grid.warmup_epochs * ipe)) if warmup and grid.warmup_epochs else 0
+            warmup_iters = max(1, round(warmup_epochs * ipe)) if warmup and warmup_epochs else 0
             steps = [round(e * ipe) for e in grid.steps_epochs]
             unscaled = [f"solver.base_batch={batch}"] if scaling == "none" else []
+            lr_override = [f"solver.base_lr={base_lr}"] if base_lr != default_lr else []
             for seed in ax.seed:
                 name = f"{setting}_s{seed}"
                 if name in seen:
                     continue
                 seen.add(name)
-                overrides = fixed + unscaled + [
+                overrides = fixed + unscaled + lr_override + [
                     f"solver.ims_per_gpu={ims}", f"solver.backward_passes_per_step={passes}",
                     f"solver.max_iter={max_iter}", f"solver.steps={json.dumps(steps)}",
-                    f"solver.warmup_iters={warmup_iters}", f"model.norm={norm}", f"model.bn_group_size={k}",
-                    f"eval_period={ipe}", f"seed={seed}"]
+                    f"solver.warmup_iters={warmup_iters}", f"solver.optimizer={optimizer}", f"model.norm={norm}",
+                    f"model.bn_group_size={k}", f"eval_period={ipe}", f"seed={seed}"]
                 try:
                     load_config(grid.base, overrides)
                 except ConfigError as e:
                     raise ConfigError(f"{where}: run {name}: {e}") from None
                 runs.append(Run(name=name, setting=setting, batch=batch, ranks=ranks, ims_per_gpu=ims,
                                 passes=passes, norm=norm, bn_group_size=k, bn_images=bn_images, warmup=warmup,
-                                warmup_iters=warmup_iters, lr_scaling=scaling,
+                                warmup_epochs=warmup_epochs, warmup_iters=warmup_iters, optimizer=optimizer,
+                                lr_scaling=scaling,
                                 lr=base_lr if scaling == "none" else scaled_lr(base_lr, base_batch, batch),
                                 seed=seed, epochs=grid.epochs, iters_per_epoch=ipe, max_iter=max_iter,
                                 overrides=overrides))
         blocks.append((ax.title or f"axes[{i}]", settings))
     runs.sort(key=lambda r: r.seed)  # stable: an interrupted grid has the first seed of every setting first
     return runs, notes, blocks
-

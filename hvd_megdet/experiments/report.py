@@ -37,12 +37,13 @@ def _spread(values):
 
 
 def _describe(r):
-    """The settings columns of a result: batch, ranks x images (x passes), BN, BN size, lr, warmup."""
+    """The settings columns of a result: batch, ranks x images (x passes), BN, BN size, optimizer, lr, warmup."""
     norm = {"frozen": "frozen", "bn": "BN", "cgbn": "CGBN"}[r["norm"]]
     split = f"{r['ranks']} x {r['ims_per_gpu']}" + (f" x {r['passes']}" if r["passes"] > 1 else "")
     lr = f"{r['lr']:g}" + (" (unscaled)" if r["lr_scaling"] == "none" else "")
-    warmup = f"{r['warmup_iters']} it" if r["warmup"] else "no"
-    return f"| {r['batch']} | {split} | {norm} | {r['bn_images'] or '-'} | {lr} | {warmup} "
+    warmup = f"{r['warmup_epochs']:g} ep ({r['warmup_iters']} it)" if r["warmup"] else "no"
+    optimizer = r["optimizer"].upper()
+    return f"| {r['batch']} | {split} | {norm} | {r['bn_images'] or '-'} | {optimizer} | {lr} | {warmup} "
 
 
 def brief(reason):
@@ -64,12 +65,12 @@ def _outcome(runs):
 
 def table(results):
     """The paper's table form, one markdown row per setting with its seeds pooled: batch, ranks x images per
-    pass (x passes), BN, BN size, lr, warmup; the seeds; AP and AP50 (mean over the seeds) and their spread
+    pass (x passes), BN, BN size, optimizer, lr, warmup; the seeds; AP and AP50 (mean over the seeds) and their spread
     (max - min); the mean training loss of the last epoch; converged runs / runs; mean time (training
     iterations only: no evaluation, no start-up)."""
-    rows = ["| batch | ranks x images | BN | BN size | lr | warmup | seeds | AP | AP50 | spread AP / AP50 "
-            "| loss | converged | time |",
-            "|---:|---|---|---:|---:|---|---|---:|---:|---|---:|---|---:|"]
+    rows = ["| batch | ranks x images | BN | BN size | optimizer | lr | warmup | seeds | AP | AP50 "
+            "| spread AP / AP50 | loss | converged | time |",
+            "|---:|---|---|---:|---|---:|---|---|---:|---:|---|---:|---|---:|"]
     for runs in by_setting(results).values():
         ap, ap50 = [r["AP"] for r in runs], [r["AP50"] for r in runs]
         seeds = ", ".join(str(r["seed"]) for r in runs)

@@ -114,6 +114,22 @@ def collect(run, run_dir, returncode, wall_s, grid):
     return result
 
 
+def source_version():
+    """The git commit of the hvd_megdet code that runs ("<sha>", "<sha>+changes" when tracked files differ
+    from it), or "unknown" outside a git checkout: each result records it, so that a grid run from its own
+    clone at a fixed commit can be checked to be one code."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if sha is None:
+        return "unknown"
+    return sha + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def read_result(run_dir):
     """The result record `train_run` wrote into `run_dir`; None if there is none."""
     path = Path(run_dir) / "result.json"
@@ -134,7 +150,7 @@ def train_run(run, run_dir, grid, execute=execute):
     run_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     returncode = execute(command(run, run_dir, grid), run_dir / OUTPUT, grid.timeout)
-    result = collect(run, run_dir, returncode, time.perf_counter() - t0, grid)
+    result = collect(run, run_dir, returncode, time.perf_counter() - t0, grid) | {"commit": source_version()}
     write_atomic(run_dir / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
