@@ -1,6 +1,7 @@
 """The ablation runner: grid expansion, resume, divergence detection, the table, and a tiny real grid."""
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -276,6 +277,12 @@ def test_resume_runs_only_what_is_not_done(tmp_path):
     assert first.calls == names[:3]
     assert [r["status"] for r in results] == ["converged", "converged", "failed"]
     assert "RuntimeError: boom" in results[2]["log_tail"]
+    # every result names the commit of the code that ran it, "+changes" when tracked files differ from it
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    expected = head + ("+changes" if dirty else "") if head else "unknown"  # "unknown": not a git checkout
+    assert all(r["commit"] == expected for r in results)
     # An interrupted run: trainer outputs but no result.json.
     (out / names[3]).mkdir()
     (out / names[3] / "metrics.jsonl").write_text('{"iteration": 1, "loss": 1.0, "skipped": 0, "time": 1}\n')
