@@ -107,7 +107,7 @@ def pretrain(cfg):
     log(f"resolved config (also in {out / 'config.yaml'}):\n{dump(cfg).rstrip()}")
     log(describe_scaling(solver, world, iters_per_epoch))
 
-    metrics, start = None, time.perf_counter()
+    metrics, skipped, start = None, 0, time.perf_counter()
     for iteration in range(solver.max_iter):
         step_batches = [to_device(*next_batch(batches), device) for _ in range(passes)]
         data_time = time.perf_counter() - start
@@ -115,8 +115,12 @@ def pretrain(cfg):
         set_lr(optimizer, lr)
         step = train_step(model, optimizer, step_batches, amp=cfg.amp, scaler=scaler,
                           clip_grad_norm=solver.clip_grad_norm)
-        if step.skipped and solver.nonfinite == "stop":
-            raise FloatingPointError(f"iteration {iteration}: non-finite loss or gradient; stopping")
+        if step.skipped:
+            skipped += 1
+            if solver.nonfinite == "stop":
+                raise FloatingPointError(f"iteration {iteration}: non-finite loss or gradient; stopping "
+                                         f"(solver.nonfinite=stop)")
+            log(f"warning: iteration {iteration}: non-finite loss or gradient; step skipped ({skipped} so far)")
         step_time, done = time.perf_counter() - start, iteration + 1
         if val_loader is not None and (done == solver.max_iter or (cfg.eval_period and done % cfg.eval_period == 0)):
             average_running_stats(model)
@@ -128,7 +132,7 @@ def pretrain(cfg):
                 writer.write_eval(done, metrics, group="pretrain")
         if writer:
             writer.write({"iteration": done, "epoch": done / iters_per_epoch, "lr": lr, **step.losses,
-                          "skipped": int(step.skipped), "time": step_time,
+                          "skipped": skipped, "time": step_time,
                           "data_time": data_time}, global_batch(solver, world))
         start = time.perf_counter()
     average_running_stats(model)

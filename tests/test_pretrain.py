@@ -110,3 +110,12 @@ def test_two_ranks_pretrain_with_cgbn_and_the_detector_loads_the_weights(shapes,
     assert done.returncode == 0, done.stdout[-3000:]
     assert "world size 2 x 8 images = global batch 16" in done.stdout and "iter 4: top-1" in done.stdout
     _loads_into_the_detector(tmp_path / "pt" / "backbone.pth")
+
+
+def test_a_diverging_pretraining_stops_in_one_line_and_writes_no_weights(shapes, tmp_path):
+    args = _pretrain_args(shapes, tmp_path / "pt", **{"model.norm": "bn", "solver.base_lr": 1e12,
+                                                      "solver.warmup_iters": 0, "solver.nonfinite": "stop"})
+    done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: FloatingPointError: iteration ")
+    assert not (tmp_path / "pt" / "backbone.pth").exists()
