@@ -50,7 +50,7 @@ Outcomes: `converged`; `diverged` (non-finite steps or an exploding loss, see `d
 stopped on a non-finite loss with solver.nonfinite=stop) — an outcome, not an error; `failed` (any other
 crash or a timeout; the tail of output.txt is kept as "log_tail"). After each run results.json and
 results.md are rewritten: the paper's table form with the seeds of a setting pooled (mean and spread), AP by
-epoch, and one row per run. At the end ap_by_epoch.png, loss.png (one panel per block) and lr.png are drawn.
+epoch, and one row per run; so are ap_by_epoch.png, loss.png (one panel per block) and lr.png.
 Exit status 1 when a run failed.
 """
 import argparse
@@ -69,8 +69,8 @@ from hvd_megdet.experiments.runs import command, execute, is_done, read_result, 
 
 
 def run_grid(runs, grid, out, grid_path, execute=execute, log=print, blocks=None):
-    """Train every run not already done (see `is_done`), rewriting the reports after each; plot (one panel per
-    block, see `plot`); return the results."""
+    """Train every run not already done (see `is_done`), rewriting the reports and the plots (one panel per
+    block, see `plot`) after each; return the results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -88,8 +88,9 @@ def run_grid(runs, grid, out, grid_path, execute=execute, log=print, blocks=None
             log(f"    {result['status']}" + (f": {result['reason']}" if result["reason"] else "")
                 + f"; AP {fmt(result['AP'])}, AP50 {fmt(result['AP50'])}; {fmt_time(result['wall_s'])} wall")
         results.append(result)
+        # after every run, so that a grid that runs for days shows its curves so far
         write_reports(results, out, grid_path, blocks)
-    plot(results, out, blocks)
+        plot(results, out, blocks)
     return results
 
 
