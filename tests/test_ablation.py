@@ -307,6 +307,30 @@ def test_resume_runs_only_what_is_not_done(tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
+def test_finished_runs_of_another_copy_of_the_grid_are_imported_not_trained_again(tmp_path):
+    """A grid spread over machines: the results.json of one copy (e.g. committed beside a doc) makes another
+    skip the runs it finished with the same settings; failed and changed runs are trained."""
+    grid_path = write_grid(tmp_path, axes={"batch": [2, 4], "norm": ["frozen", "cgbn"]})
+    grid = load_grid(grid_path)
+    runs, _, _ = expand(grid)
+    first = FakeTrainer(fail={runs[1].name})
+    ablation.run_grid(runs[:2], grid, tmp_path / "first", grid_path, execute=first, log=lambda *a: None)
+    done = json.loads((tmp_path / "first" / "results.json").read_text())
+    done["results"][0]["lr"] += 1  # as if the copy had other settings for run 0: not imported
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(done))
+    out = tmp_path / "second"
+    assert ablation.import_results(changed, runs, out, log=lambda *a: None) == []
+    imported = ablation.import_results(tmp_path / "first" / "results.json", runs, out, log=lambda *a: None)
+    assert imported == [runs[0].name]  # run 1 failed there
+    second = FakeTrainer()
+    results = ablation.run_grid(runs, grid, out, grid_path, execute=second, log=lambda *a: None)
+    assert second.calls == [r.name for r in runs[1:]]
+    assert results[0] == json.loads((tmp_path / "first" / runs[0].name / "result.json").read_text())
+    with pytest.raises(ConfigError, match="not a grid's results.json"):
+        ablation.import_results(grid_path, runs, out)
+
+
 def test_outcomes_of_a_finished_process(tmp_path):
     grid = load_grid(write_grid(tmp_path, axes={"batch": [2], "norm": ["bn"]}))
     (run,), _, _ = expand(grid)

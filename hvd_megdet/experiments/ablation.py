@@ -1,6 +1,7 @@
 """MegDet's ablations as a grid of real trainings: batch x norm x warmup x BN size x seed, same epochs each.
 
     python -m hvd_megdet.experiments.ablation --grid configs/ablation/shapes_megdet.yaml [--out DIR] [--dry-run]
+        [--import-results docs/results/shapes_large_batch.json]   # count another copy's finished runs as done
 
 A grid file (YAML, strict keys; paths relative to the working directory):
 
@@ -22,6 +23,9 @@ A grid file (YAML, strict keys; paths relative to the working directory):
         warmup: [true, false]
         bn_group_size: [0, 2]        # CGBN only: ranks per BN group, 0 = all ranks
         lr_scaling: [linear, none]   # none: the lr stays solver.base_lr (the lr of solver.base_batch)
+        optimizer: [sgd, lars]       # solver.optimizer
+        base_lr: [0.02, 0.04]        # solver.base_lr; default (omitted): the base config's
+        warmup_epochs: [0.5, 2]      # warmup length when warmup is on; default (omitted): the grid's
         seed: [0, 1]                 # the trainer's seed (initial weights, data order, augmentation)
         ranks: 0                     # 0: batch / (ims_per_gpu x passes) ranks; else this many ranks, each
                                      # with batch / (ranks x passes) images per pass
@@ -37,7 +41,8 @@ the ranks is skipped, and CGBN over groups of one rank is per-rank BN, so it bec
 `lr_scaling: none` at batch = base_batch is the linear run. A run in several blocks trains once and is drawn in
 each. "BN size" is the number of images the statistics are computed over: the images of one backward pass of
 one rank for bn, of the ranks of a group for CGBN. Run names say all of it: b64_4x2x8_cgbn4_warmup_s1 is
-batch 64 on 4 ranks x 2 images x 8 passes, CGBN over 4 images, with warmup, seed 1.
+batch 64 on 4 ranks x 2 images x 8 passes, CGBN over 4 images, with warmup, seed 1; b64_2x32_cgbn64_warmup2ep_lars_lr0.04_s0
+adds a 2-epoch warmup, LARS and a base lr of 0.04 (what differs from the defaults).
 
 Each run is the trainer in a subprocess (plain python for one rank, else the launcher) with its own folder
 `<out>/<run name>/`: the trainer's outputs (its `log.txt` among them), `output.txt` (what every rank printed on
@@ -54,12 +59,14 @@ epoch, and one row per run; so are ap_by_epoch.png, loss.png (one panel per bloc
 Exit status 1 when a run failed.
 """
 import argparse
+import json
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 
+from hvd_megdet.checkpoint import write_atomic
 from hvd_megdet.config import ConfigError
 from hvd_megdet.data import DatasetError
 from hvd_megdet.experiments.grid import expand, load_grid
@@ -94,12 +101,34 @@ def run_grid(runs, grid, out, grid_path, execute=execute, log=print, blocks=None
     return results
 
 
+def import_results(path, runs, out, log=print):
+    """Take the finished runs of another copy of this grid, its results.json at `path` (e.g. one committed
+    beside a doc): every record that `is_done` for a run of `runs` whose folder under `out` has no result
+    becomes that run's result.json, so the grid skips it. Their training logs do not come along (the loss
+    and lr plots leave them out). Returns the names imported."""
+    try:
+        records = {r["name"]: r for r in json.loads(Path(path).read_text())["results"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--import-results {path}: not a grid's results.json ({e.__class__.__name__}: {e})")
+    imported = []
+    for run in runs:
+        record, run_dir = records.get(run.name), out / run.name
+        if is_done(record, run) and read_result(run_dir) is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / "result.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+            imported.append(run.name)
+    log(f"imported {len(imported)} finished runs from {path}" + (f": {', '.join(imported)}" if imported else ""))
+    return imported
+
+
 def parse_args(argv=None):
-    """The command's arguments: --grid, --out, --dry-run."""
+    """The command's arguments: --grid, --out, --dry-run, --import-results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", required=True, help="grid YAML file")
     parser.add_argument("--out", help="output folder (default: the grid's `out`)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, train nothing")
+    parser.add_argument("--import-results", metavar="RESULTS_JSON",
+                        help="count the finished runs of this results.json (same settings) as done")
     return parser.parse_args(argv)
 
 
@@ -121,6 +150,11 @@ def main(argv=None):
                   f"lr {run.lr:g}, {run.max_iter} iterations, warmup {run.warmup_iters}\n  "
                   + shlex.join(command(run, out / run.name, grid)))
         return 0
+    if args.import_results:
+        try:
+            import_results(args.import_results, runs, out)
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
     t0 = time.perf_counter()
     results = run_grid(runs, grid, out, args.grid, blocks=blocks)
     failed = [r["name"] for r in results if r["status"] == "failed"]

@@ -103,7 +103,8 @@ def plot(results, out, blocks=None):
                      + (", unscaled" if r["lr_scaling"] == "none" else ""))
             ax.plot([x["epoch"] for x in rec], [x["lr"] for x in rec], linestyle=style(r), label=label)
     ax.set(xlabel="epoch", ylabel="learning rate")
-    ax.legend(fontsize=7)
+    if ax.lines:  # none when every run was imported without its training log
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     save(fig, "lr.png")
 
