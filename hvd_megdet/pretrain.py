@@ -31,7 +31,7 @@ from hvd_megdet.data.crops import ObjectCrops
 from hvd_megdet.engine import grad_scaler, next_batch, to_device, train_step
 from hvd_megdet.logs import MetricsWriter, log, log_to_file
 from hvd_megdet.model import backbone_classifier
-from hvd_megdet.solver import describe_scaling, global_batch, init_optimizer_state, lr_at, set_lr
+from hvd_megdet.solver import describe_scaling, due, global_batch, init_optimizer_state, lr_at, set_lr
 from hvd_megdet.sync_bn import average_running_stats
 
 
@@ -122,7 +122,7 @@ def pretrain(cfg):
                                          f"(solver.nonfinite=stop)")
             log(f"warning: iteration {iteration}: non-finite loss or gradient; step skipped ({skipped} so far)")
         step_time, done = time.perf_counter() - start, iteration + 1
-        if val_loader is not None and (done == solver.max_iter or (cfg.eval_period and done % cfg.eval_period == 0)):
+        if val_loader is not None and due(done, cfg.eval_period, solver.max_iter):
             average_running_stats(model)
             metrics = accuracy(model, val_loader, train_set.num_classes, device)
             log(f"iter {done}: top-1 {metrics['top1']:.1f}% on {len(val_set)} validation crops; by class "
@@ -135,7 +135,8 @@ def pretrain(cfg):
                           "skipped": skipped, "time": step_time,
                           "data_time": data_time}, global_batch(solver, world))
         start = time.perf_counter()
-    average_running_stats(model)
+    if val_loader is None:  # else the last evaluation averaged them
+        average_running_stats(model)
     if dist.is_main():
         weights = out / "backbone.pth"
         state = {k: v.detach().cpu() for k, v in model.resnet.state_dict().items()}

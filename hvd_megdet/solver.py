@@ -31,6 +31,12 @@ def decay_multiplier(iteration, solver):
     return solver.gamma ** bisect.bisect_right(solver.steps, iteration)
 
 
+def due(iteration, period, max_iter):
+    """True after every `period`-th iteration (period 0: never) and after the last one: when a loop evaluates,
+    checkpoints or commits."""
+    return iteration == max_iter or (period > 0 and iteration % period == 0)
+
+
 def global_batch(solver, world_size):
     """Images per optimizer step: `ims_per_gpu` per backward pass, `backward_passes_per_step` passes (gradient
     accumulation), on each of `world_size` ranks."""

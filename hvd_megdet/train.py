@@ -31,7 +31,7 @@ from hvd_megdet.data import (DatasetError, build_train_loader, build_val_loader,
 from hvd_megdet.engine import evaluate, grad_scaler, next_batch, precise_bn, to_device, train_step
 from hvd_megdet.logs import MetricsWriter, log, log_to_file
 from hvd_megdet.model import detector_from_config
-from hvd_megdet.solver import describe_scaling, global_batch, init_optimizer_state, lr_at, set_lr
+from hvd_megdet.solver import describe_scaling, due, global_batch, init_optimizer_state, lr_at, set_lr
 from hvd_megdet.sync_bn import average_running_stats
 
 
@@ -76,11 +76,6 @@ class Progress:
     iteration: int = 0
     skipped: int = 0
     overflows: int = 0
-
-
-def due(iteration, period, max_iter):
-    """True after every `period`-th iteration (period 0: never) and after the last one."""
-    return iteration == max_iter or (period > 0 and iteration % period == 0)
 
 
 class Trainer:

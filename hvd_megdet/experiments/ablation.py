@@ -66,13 +66,12 @@ import sys
 import time
 from pathlib import Path
 
-from hvd_megdet.checkpoint import write_atomic
 from hvd_megdet.config import ConfigError
 from hvd_megdet.data import DatasetError
 from hvd_megdet.experiments.grid import expand, load_grid
 from hvd_megdet.experiments.plots import plot
 from hvd_megdet.experiments.report import fmt, fmt_time, write_reports
-from hvd_megdet.experiments.runs import command, execute, is_done, read_result, train_run
+from hvd_megdet.experiments.runs import command, execute, is_done, read_result, train_run, write_result
 
 
 def run_grid(runs, grid, out, grid_path, execute=execute, log=print, blocks=None):
@@ -115,7 +114,7 @@ def import_results(path, runs, out, log=print):
         record, run_dir = records.get(run.name), out / run.name
         if is_done(record, run) and read_result(run_dir) is None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(run_dir / "result.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+            write_result(run_dir, record)
             imported.append(run.name)
     log(f"imported {len(imported)} finished runs from {path}" + (f": {', '.join(imported)}" if imported else ""))
     return imported

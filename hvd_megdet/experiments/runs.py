@@ -130,6 +130,11 @@ def source_version():
     return sha + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def write_result(run_dir, result):
+    """Write the result record `result` as `run_dir`/result.json (atomically): the run counts as done."""
+    write_atomic(Path(run_dir) / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+
+
 def read_result(run_dir):
     """The result record `train_run` wrote into `run_dir`; None if there is none."""
     path = Path(run_dir) / "result.json"
@@ -151,6 +156,6 @@ def train_run(run, run_dir, grid, execute=execute):
     t0 = time.perf_counter()
     returncode = execute(command(run, run_dir, grid), run_dir / OUTPUT, grid.timeout)
     result = collect(run, run_dir, returncode, time.perf_counter() - t0, grid) | {"commit": source_version()}
-    write_atomic(run_dir / "result.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    write_result(run_dir, result)
     return result
 
