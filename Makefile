@@ -5,7 +5,7 @@ NP ?= 2
 DEMO_DATA ?= data/shapes
 DEMO_OUT ?= output/demo
 
-.PHONY: install demo test test-fast bench docker-test multihost-test gpu-check clean
+.PHONY: install demo test test-fast bench docker-test multihost-test gpu-image gpu-check clean
 
 install: $(INSTALLED)
 	@echo "== Horovod: built from source the first time (about 2.5 min), later reused (seconds)"
@@ -45,13 +45,21 @@ test-fast: install
 # not part of `make test`, which runs the lint but not the build. Set-up and figures: docker/README.md.
 docker-test: install
 	$(PY) -m pytest -q tests/test_docker.py
+	scripts/setup_podman.sh
 	scripts/docker_test.sh
 
-# Three containers of the CPU image as three hosts: horovodrun over ssh, a named network interface and ssh port,
-# a hung rank, a lost host, elastic. Minutes, root and podman, so not part of `make test` (docker/README.md,
-# "Testing many hosts").
+# Three containers of the CPU image as three hosts: horovodrun over ssh (Gloo and MPI), plain mpirun, a named
+# network interface and ssh port, a hung rank, a lost host, elastic, and a Slurm cluster (sbatch, srun, scancel).
+# Minutes, root and podman, so not part of `make test` (docker/README.md, "Testing many hosts").
 multihost-test:
+	scripts/setup_podman.sh
 	scripts/multihost_test.sh
+
+# The GPU image (NCCL, MPI, Gloo) on a Debian base, nvcc from NVIDIA's pip wheels, and its CPU path trained in it
+# as docker-test does: no GPU needed; its GPU path not yet run (docker/README.md, "Building").
+gpu-image:
+	scripts/setup_podman.sh
+	scripts/docker_test.sh --gpu
 
 # The prepared GPU check on a machine with one CUDA GPU (README.md, "GPU check"): builds Horovod with NCCL for
 # that GPU, then CGBN against nn.BatchNorm2d and R50-FPN images/s, into gpu_check.json.

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Build the CPU variant of docker/Dockerfile with rootful podman on a local Debian base image, the image that
-# `make docker-test` (scripts/docker_test.sh) and `make multihost-test` (scripts/multihost_test.sh) run.
-# A rebuild with nothing changed takes seconds; after a code change, the last layers only.
+# Build docker/Dockerfile with rootful podman on a local Debian base image:
+#   scripts/build_image.sh         the CPU variant (MPI and Gloo), the image that `make docker-test`
+#                                  (scripts/docker_test.sh) and `make multihost-test` (scripts/multihost_test.sh) run
+#   scripts/build_image.sh --gpu   the GPU variant (NCCL, MPI and Gloo; `make gpu-image`), with nvcc from pip wheels
+# A rebuild with nothing changed takes seconds; after a code change, the last layers only. The two variants share
+# every layer up to Horovod's build.
 #
 # Needs root and podman, runc, debootstrap (set-up: docker/README.md, "Testing the image").
 # The host's pip settings (index URLs, local wheel folders, the CA bundle of an intercepting proxy) reach the
 # build's RUN steps as read-only bind mounts, for this build only: they are not part of the image.
 #
 # Environment (all optional):
-#   IMAGE          tag to build (default: localhost/hvd_megdet:cpu-test)
+#   IMAGE          tag to build (default: localhost/hvd_megdet:cpu-test, with --gpu localhost/hvd_megdet:gpu-test)
 #   BASE_IMAGE     base image (default: localhost/debian:bookworm, made with debootstrap when missing)
 #   DEBIAN_MIRROR  mirror for debootstrap (default: this machine's Debian mirror, else deb.debian.org)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-IMAGE=${IMAGE:-localhost/hvd_megdet:cpu-test}
+VARIANT=cpu
+case "${1:-}" in
+    "") ;;
+    --gpu) VARIANT=gpu ;;
+    *) echo "usage: $0 [--gpu]" >&2; exit 2 ;;
+esac
+IMAGE=${IMAGE:-localhost/hvd_megdet:$VARIANT-test}
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian:bookworm}
 # debootstrap's mirror: the first one of this machine's apt sources, else Debian's CDN.
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)}
@@ -80,10 +89,12 @@ EOF
 )
 say "pip settings for the build: $(grep -v '^\[' "$TMP/pip/pip.conf" | tr '\n' ' ')"
 
-say "building $IMAGE (CPU variant) on $BASE_IMAGE"
+# The GPU variant keeps the Dockerfile's defaults (NCCL, the documented architectures); the CPU one has no NCCL.
+variant_args=()
+[ "$VARIANT" = cpu ] && variant_args=(--build-arg HOROVOD_GPU_OPERATIONS=)
+say "building $IMAGE ($VARIANT variant) on $BASE_IMAGE"
 start=$SECONDS
 podman build --format docker --pull=never -f "$ROOT/docker/Dockerfile" -t "$IMAGE" \
-    --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg HOROVOD_GPU_OPERATIONS= --build-arg HOROVOD_WITH_MPI=0 \
-    "${mounts[@]}" "$ROOT"
+    --build-arg BASE_IMAGE="$BASE_IMAGE" "${variant_args[@]}" "${mounts[@]}" "$ROOT"
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 say "ok: $IMAGE built in $((SECONDS - start)) s, $((size / 1000000)) MB"

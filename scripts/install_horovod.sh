@@ -16,6 +16,9 @@
 #                               nothing is downloaded, and the CMake already there builds it (env's bin/, else PATH)
 #   HOROVOD_NCCL_PIP            1: link the NCCL of $PYTHON's nvidia-nccl pip package (the one torch loads) for
 #                               HOROVOD_GPU_OPERATIONS=NCCL, instead of a system NCCL
+#   HOROVOD_CUDA_PIP            1: without a CUDA toolkit, take nvcc, the CUDA headers and CCCL from NVIDIA's pip
+#                               wheels (cuda-toolkit[nvcc,cccl], torch's release; CUDA 13 and newer), in a folder of
+#                               this build only
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
@@ -33,6 +36,10 @@ PYTHON=$("${PYTHON:-python3}" -c 'import sys; print(sys.executable)') || die "no
 BIN_DIR=$(dirname "$PYTHON")
 CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_megdet/wheels}
 
+# Folders of this run only, removed however it ends.
+TEMP_DIRS=()
+trap 'rm -rf "${TEMP_DIRS[@]}"' EXIT
+
 torch_info=$("$PYTHON" -c 'import sys, torch; print(torch.__version__, torch.version.cuda or "cpu", "%d.%d" % sys.version_info[:2])') \
     || die "torch is not importable with $PYTHON; install requirements.txt first"
 read -r TORCH_VERSION TORCH_CUDA PY_VERSION <<<"$torch_info"
@@ -40,6 +47,21 @@ read -r TORCH_VERSION TORCH_CUDA PY_VERSION <<<"$torch_info"
 # A CUDA build of torch makes Horovod's CMake compile CUDA code, so it needs the toolkit. Without one,
 # torch.utils.cpp_extension finds no CUDA_HOME and Horovod builds for CPU tensors only (Gloo, and MPI if present).
 if [ "$TORCH_CUDA" != cpu ]; then
+    if [ "${HOROVOD_CUDA_PIP:-0}" = 1 ]; then
+        [ "${TORCH_CUDA%%.*}" -ge 13 ] || die "HOROVOD_CUDA_PIP=1 needs torch for CUDA 13 or newer (the wheels' layout); torch has CUDA $TORCH_CUDA"
+        # NVIDIA's cuda-toolkit metapackage pins its parts to one release: the one torch was installed with.
+        toolkit=$("$PYTHON" -c 'import importlib.metadata as m; print("==" + m.version("cuda-toolkit"))' 2>/dev/null) \
+            || toolkit="==$TORCH_CUDA.*"
+        CUDA_HOME=$(mktemp -d) && TEMP_DIRS+=("$CUDA_HOME")
+        say "CUDA compiler and headers from pip (cuda-toolkit[nvcc,cccl]$toolkit), for this build only"
+        "$PYTHON" -m pip install -q --target "$CUDA_HOME" "cuda-toolkit[nvcc,cccl]$toolkit" \
+            || die "HOROVOD_CUDA_PIP=1: pip install cuda-toolkit[nvcc,cccl]$toolkit failed"
+        # The wheels install into nvidia/cu<major>/{bin,include,lib,nvvm}, a toolkit root, but with lib/ where nvcc
+        # links from lib64/, and no unversioned libcudart.so, which CMake's FindCUDAToolkit looks for.
+        export CUDA_HOME="$CUDA_HOME/nvidia/cu${TORCH_CUDA%%.*}"
+        ln -s lib "$CUDA_HOME/lib64"
+        ln -s "libcudart.so.${TORCH_CUDA%%.*}" "$CUDA_HOME/lib/libcudart.so"
+    fi
     if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
         export CUDA_HOME=/usr/local/cuda
     fi
@@ -83,8 +105,7 @@ fi
 mkdir -p "$CACHE"
 WHEEL_DIR="$CACHE/$KEY"
 if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
-    WORK=$(mktemp -d)
-    trap 'rm -rf "$WORK"' EXIT
+    WORK=$(mktemp -d) && TEMP_DIRS+=("$WORK")
     say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION ($BUILD_KIND); this takes a few minutes"
     if [ -n "${HOROVOD_SDIST:-}" ]; then
         cp "$HOROVOD_SDIST" "$WORK/horovod-$HOROVOD_VERSION.tar.gz" || die "HOROVOD_SDIST=$HOROVOD_SDIST: cannot read it"
