@@ -164,8 +164,8 @@ traffic() {  # traffic HOST IFACE: bytes through IFACE in that container so far
         | awk '{ n += $1 } END { print n }'
 }
 
-note() {  # a line of the summary printed at the end (without the "[1,0]<stdout>:" tags of mpirun's output)
-    sed -E 's/\[[0-9]+,[0-9]+\]<std(out|err)>://g' <<<"$*" >>"$TMP/notes"
+note() {  # a line of the summary printed at the end, without the launchers' "[0]<stderr>:", "[1,0]<stdout>:" tags
+    sed -E 's/\[[0-9,]+\]<std(out|err)>://g' <<<"$*" >>"$TMP/notes"
 }
 
 three_hosts() {  # three_hosts NAME LAUNCHER...: 4 iterations with one rank on each of c1, c2, c3, and checks
@@ -178,7 +178,10 @@ three_hosts() {  # three_hosts NAME LAUNCHER...: 4 iterations with one rank on e
     note "$name: $((SECONDS - start)) s; $(hosts_of "$name")"
 }
 plain() { three_hosts plain "${HVDRUN[@]}" --gloo; }  # horovodrun over ssh on port 22, the interface it finds
-mpi() { three_hosts mpi "${HVDRUN[@]}" --mpi; }  # horovodrun's mpirun: OpenMPI's daemons started over ssh
+# Open MPI 4's TCP transport can hang at start-up when it pairs several interfaces (eth0 and eth1 here: one job of
+# ten, in Horovod's first allreduce), so the MPI runs name one, as docker/README.md tells users to.
+MPI_OPTIONS=(--mpi --network-interface eth0)
+mpi() { three_hosts mpi "${HVDRUN[@]}" "${MPI_OPTIONS[@]}"; }  # horovodrun's mpirun: its daemons started over ssh
 mpirun_plain() { three_hosts mpirun "${MPIRUN[@]}"; }  # plain mpirun, no horovodrun
 
 nic_port() {  # a second sshd on port 2222 in each container; Gloo told to use eth1
@@ -195,10 +198,11 @@ nic_port() {  # a second sshd on port 2222 in each container; Gloo told to use e
 }
 
 hung() { hung_under hung --gloo; }
-mpi_hung() { hung_under mpi-hung --mpi; }
-hung_under() {  # hung_under NAME --gloo|--mpi: rank 1 stopped; every rank waits; the stall limit ends the job
-    local name=$1 controller=$2 rank1 t0 t1
-    launch "$name" "${HVDRUN[@]}" -np 3 -H c1:1,c2:1,c3:1 "$controller" "${TRAIN[@]}" output_dir=output/$name \
+mpi_hung() { hung_under mpi-hung "${MPI_OPTIONS[@]}"; }
+hung_under() {  # hung_under NAME HOROVODRUN_OPTIONS...: rank 1 stopped; every rank waits; the stall limit ends the job
+    local name=$1 rank1 t0 t1
+    shift
+    launch "$name" "${HVDRUN[@]}" -np 3 -H c1:1,c2:1,c3:1 "$@" "${TRAIN[@]}" output_dir=output/$name \
         solver.max_iter=100 'solver.steps=[90]' stall_limit=$STALL_LIMIT
     wait_iteration "$name" 3
     rank1=$(jobprocs c2 | awk '$2 == "python" && /-m hvd_megdet.train/ {print $1; exit}')
@@ -223,11 +227,11 @@ hung_under() {  # hung_under NAME --gloo|--mpi: rank 1 stopped; every rank waits
 }
 
 lost() { lost_under lost --gloo; }
-mpi_lost() { lost_under mpi-lost --mpi; }
-lost_under() {  # lost_under NAME --gloo|--mpi: c2 killed mid-run; then --resume on the two hosts left
-    local name=$1 controller=$2 t0 start
+mpi_lost() { lost_under mpi-lost "${MPI_OPTIONS[@]}"; }
+lost_under() {  # lost_under NAME HOROVODRUN_OPTIONS...: c2 killed mid-run; then --resume on the two hosts left
+    local name=$1 options=("${@:2}") t0 start
     declare -A gone
-    launch "$name" "${HVDRUN[@]}" -np 3 -H c1:1,c2:1,c3:1 "$controller" "${TRAIN[@]}" output_dir=output/$name \
+    launch "$name" "${HVDRUN[@]}" -np 3 -H c1:1,c2:1,c3:1 "${options[@]}" "${TRAIN[@]}" output_dir=output/$name \
         solver.max_iter=8 'solver.steps=[7]'
     wait_iteration "$name" 3
     podman kill "$PREFIX-c2" >/dev/null
@@ -245,7 +249,7 @@ lost_under() {  # lost_under NAME --gloo|--mpi: c2 killed mid-run; then --resume
     grep -qE "error: rank 0: (a collective failed|ended by the launcher; gone before): rank 1 .*\(host c2, pid [0-9]+\)" \
         "$TMP/$name.log" || die "$name: rank 0's line does not name rank 1 on c2"
     start=$SECONDS
-    run "$name-resume" "${HVDRUN[@]}" -np 2 -H c1:1,c3:1 "$controller" "${TRAIN[@]}" output_dir=output/$name \
+    run "$name-resume" "${HVDRUN[@]}" -np 2 -H c1:1,c3:1 "${options[@]}" "${TRAIN[@]}" output_dir=output/$name \
         solver.max_iter=8 'solver.steps=[7]' --resume
     expect "$name-resume" "resumed from"
     check_outputs "$name" 8 2
@@ -293,7 +297,8 @@ submit() {  # submit NAME LAUNCH TRAIN_OVERRIDES...: train.sbatch on c1-c3, one 
     slurm_up
     say "$name: sbatch --nodes=3 --ntasks-per-node=1 (LAUNCH=$launch) train.sbatch $* (background)"
     timeout -k 10 "$RUN_TIMEOUT" podman exec -w /workspace "$PREFIX-ctl" sbatch --wait --job-name="$name" \
-        --nodes=3 --ntasks-per-node=1 --export=ALL,LAUNCH="$launch" --output="output/$name.out" \
+        --nodes=3 --ntasks-per-node=1 --output="output/$name.out" \
+        --export="ALL,LAUNCH=$launch,OMPI_MCA_btl_tcp_if_include=eth0,HOROVODRUN_ARGS=--network-interface eth0" \
         train.sbatch "${TRAIN_ARGS[@]}" output_dir="output/$name" "$@" >"$TMP/$name.log" 2>&1 &
     job=$!
 }

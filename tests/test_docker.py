@@ -158,3 +158,46 @@ def test_build_context_holds_what_the_image_copies_and_nothing_bulky():
         assert not dockerignored(src.rstrip("/"), patterns), f".dockerignore keeps {src} out of the context"
     for bulky in (".venv", ".git", "data", "output", "hvd_megdet/__pycache__"):
         assert dockerignored(bulky, patterns), f".dockerignore lets {bulky} into the build context"
+
+
+SBATCH = ROOT / "docker/slurm/train.sbatch"
+
+
+def run_sbatch_script(tmp_path, env, *args):
+    """docker/slurm/train.sbatch run as Slurm would run it on the first node, with stand-ins for srun, horovodrun
+    and scontrol that print their command lines: (exit status, what the launcher was asked to run, stderr)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("srun", "horovodrun"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho {name} "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames c[1-2],gpu7" ] && printf "c1\\nc2\\ngpu7\\n"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "c[1-2],gpu7", "SLURM_NTASKS": "6"}
+    done = subprocess.run(["bash", SBATCH, *args], env={**base, **env}, capture_output=True, text=True, timeout=30)
+    return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+
+def test_sbatch_script_starts_every_rank_with_srun_and_resumes(tmp_path):
+    code, launched, _ = run_sbatch_script(tmp_path, {}, "--config", "configs/x.yaml", "output_dir=/shared/run")
+    assert code == 0
+    assert launched == ("srun --mpi=pmix --kill-on-bad-exit=1 python -m hvd_megdet.train --config configs/x.yaml "
+                        "output_dir=/shared/run --resume")
+
+
+@pytest.mark.parametrize("options", ["", "--network-interface eth0"])
+def test_sbatch_script_runs_horovodrun_on_the_allocations_nodes(tmp_path, options):
+    env = {"LAUNCH": "horovodrun", "SLURM_NTASKS_PER_NODE": "2", "HOROVODRUN_ARGS": options}
+    code, launched, _ = run_sbatch_script(tmp_path, env, "--config", "configs/x.yaml")
+    assert code == 0
+    assert launched == " ".join(filter(None, ["horovodrun", options, "-np 6 -H c1:2,c2:2,gpu7:2 python -m hvd_megdet.train",
+                                              "--config configs/x.yaml --resume"]))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LAUNCH": "mpirun"}, "LAUNCH=mpirun: must be srun or horovodrun"),
+    ({"LAUNCH": "horovodrun"}, "LAUNCH=horovodrun needs sbatch --ntasks-per-node"),
+])
+def test_sbatch_script_refuses_what_it_cannot_launch_in_one_line(tmp_path, env, message):
+    code, launched, error = run_sbatch_script(tmp_path, env, "--config", "configs/x.yaml")
+    assert code == 2 and launched == "" and error == f"train.sbatch: {message}"
