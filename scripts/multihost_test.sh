@@ -164,6 +164,13 @@ traffic() {  # traffic HOST IFACE: bytes through IFACE in that container so far
         | awk '{ n += $1 } END { print n }'
 }
 
+all_gone() {  # all_gone NAME T0 LIMIT EVENT: wait until no job process is left in c1-c3, at most LIMIT s after T0
+    until [ -z "$(jobprocs c1)$(jobprocs c2)$(jobprocs c3)" ]; do
+        [ "$(since "$2" | cut -d. -f1)" -lt "$3" ] \
+            || die "$1: processes left $3 s after $4: c1: $(jobprocs c1) c2: $(jobprocs c2) c3: $(jobprocs c3)"
+        sleep 0.5
+    done
+}
 note() {  # a line of the summary printed at the end, without the launchers' "[0]<stderr>:", "[1,0]<stdout>:" tags
     sed -E 's/\[[0-9,]+\]<std(out|err)>://g' <<<"$*" >>"$TMP/notes"
 }
@@ -219,10 +226,7 @@ hung_under() {  # hung_under NAME HOROVODRUN_OPTIONS...: rank 1 stopped; every r
     # The launcher ended its ssh sessions; rank 1 is still stopped, and only its monitor can end it (nobody reads
     # its output now); rank 2 ends by its monitor's SIGKILL or its failed collective.
     t1=$(now)
-    until [ -z "$(jobprocs c1)$(jobprocs c2)$(jobprocs c3)" ]; do
-        [ "$(since "$t1" | cut -d. -f1)" -lt 60 ] || die "$name: processes left 60 s after the job ended: c2: $(jobprocs c2) c3: $(jobprocs c3)"
-        sleep 0.5
-    done
+    all_gone "$name" "$t1" 60 "the job ended"
     note "$name: no process left in c1-c3 $(since "$t1") s after the job ended"
 }
 
@@ -321,10 +325,7 @@ slurm_scancel() {  # scancel mid-run: every process gone within seconds; a new j
     wait_iteration "$name" 5
     podman exec "$PREFIX-ctl" scancel --name="$name"
     t0=$(now)
-    until [ -z "$(jobprocs c1)$(jobprocs c2)$(jobprocs c3)" ]; do
-        [ "$(since "$t0" | cut -d. -f1)" -lt 30 ] || die "$name: processes left 30 s after scancel: c1: $(jobprocs c1) c2: $(jobprocs c2) c3: $(jobprocs c3)"
-        sleep 0.5
-    done
+    all_gone "$name" "$t0" 30 scancel
     note "$name: scancel after iteration 5: every process (ranks, data loaders, slurmstepd) gone from c1-c3 after $(since "$t0") s"
     wait "$job" && die "$name: sbatch --wait reported success for a cancelled job"
     [ -z "$(podman exec "$PREFIX-ctl" squeue -h)" ] || die "$name: jobs left in the queue: $(podman exec "$PREFIX-ctl" squeue)"
