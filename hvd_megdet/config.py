@@ -143,7 +143,8 @@ class Config:
     seed: int = 0
     # Seconds a rank may wait in one collective before the job ends with an error naming the rank that holds
     # it up (stopped, hung, or gone); 0 = wait forever. Must exceed the longest time one rank works alone,
-    # e.g. rank 0's COCO evaluation while the others wait for its result. Not used with --elastic.
+    # e.g. rank 0's COCO evaluation while the others wait for its result, and the ranks' start-up (hvd.init).
+    # Not used with --elastic.
     stall_limit: int = 300
 
 

@@ -6,8 +6,10 @@ trainer, evaluator and tests run the same code single-process and under `horovod
 Every function here that communicates must be called by all ranks, in the same order.
 """
 import atexit
+import contextlib
 import faulthandler
 import os
+import socket
 import sys
 import threading
 from typing import NamedTuple
@@ -77,25 +79,66 @@ def init(stall_limit=0, elastic=False, bn_group_size=0):
     naming the rank that holds it up, once a collective has waited that many seconds. A collective then:
     every rank must call init at the same point. Elastic mode runs no collective outside its loop, and
     Horovod's elastic driver handles lost workers itself.
+
+    The watchdog needs Horovod, so init itself has a plainer limit, outside elastic mode: with `stall_limit` > 0
+    a rank whose init has not returned after that many seconds prints one line naming itself and ends (exit 1),
+    and the launcher ends the others (`startup_limit`).
     """
     # A crash in native code (Horovod, Gloo, torch) prints every thread's Python stack before the process dies
     # (to the process's own stderr: sys.stderr may be replaced by an object without a file descriptor).
     faulthandler.enable(file=sys.__stderr__, all_threads=True)
     groups = bn_groups(bn_group_size, elastic, int(os.environ.get("HOROVOD_SIZE", 0)))  # 0: not known yet
-    if groups.dynamic:
-        hvd.init(process_sets="dynamic")
-    elif groups.static:
-        hvd.init(process_sets=list(groups.static))
-    else:
-        hvd.init()
-    if hvd.size() == 1 or elastic:
-        return groups
-    if _watchdog["dog"] is None:  # once per process: the first call's stall_limit holds
-        dog = Watchdog(stall_limit)
-        # Horovod: every rank's host, pid and the address of its watchdog's monitor, to every rank.
-        dog.start(hvd.rank(), gather_object(dog.card(), name="watchdog_peers"))
-        _watchdog["dog"] = dog
+    # An elastic worker added mid-job waits in init until the others reach their next reset: no limit there.
+    with startup_limit(0 if elastic else stall_limit):
+        if groups.dynamic:
+            hvd.init(process_sets="dynamic")
+        elif groups.static:
+            hvd.init(process_sets=list(groups.static))
+        else:
+            hvd.init()
+        if hvd.size() == 1 or elastic:
+            return groups
+        if _watchdog["dog"] is None:  # once per process: the first call's stall_limit holds
+            dog = Watchdog(stall_limit)
+            # Horovod: every rank's host, pid and the address of its watchdog's monitor, to every rank.
+            dog.start(hvd.rank(), gather_object(dog.card(), name="watchdog_peers"))
+            _watchdog["dog"] = dog
     return groups
+
+
+# Where launchers put a process's rank before Horovod knows it: horovodrun, OpenMPI, PMI/PMIx (MPICH, srun).
+_LAUNCHER_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+@contextlib.contextmanager
+def startup_limit(seconds):
+    """End this process (exit 1) with one line naming its rank, host and pid when the block has not finished
+    after `seconds` (0: no limit).
+
+    For hvd.init and the first gather after it, which the watchdog cannot watch: a rank that never started,
+    or a transport that cannot connect (OpenMPI's TCP transport pairing several network interfaces has hung
+    there, open-mpi/ompi#4963), would otherwise hold every rank in init for ever. hvd.init releases Python's
+    lock while it waits, so a timer thread runs.
+    """
+    if not seconds:
+        yield
+        return
+    rank = next((os.environ[name] for name in _LAUNCHER_RANK_VARIABLES if name in os.environ), "?")
+
+    def end():
+        print(f"error: rank {rank} (host {socket.gethostname()}, pid {os.getpid()}): Horovod's start-up did not "
+              f"finish in {seconds:g} s (stall_limit): a rank did not start, or the ranks cannot connect "
+              "(with several network interfaces, name one: horovodrun --network-interface)",
+              file=sys.__stderr__, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def exit_skipping_native_teardown(code=0):

@@ -1,4 +1,6 @@
 """dist: Horovod's set-up: which process sets CGBN groups get (decided before init, then on real ranks)."""
+import os
+import socket
 import subprocess
 import sys
 
@@ -88,6 +90,24 @@ def test_a_crash_in_native_code_prints_the_python_stacks():
     assert crashed.returncode == -11
     assert "Fatal Python error: Segmentation fault" in crashed.stderr
     assert 'File "<string>", line 4 in <module>' in crashed.stderr
+
+
+def test_a_rank_whose_horovod_start_up_hangs_ends_naming_itself():
+    """A hvd.init that never returns (a rank that never started, a transport that cannot connect) ends the rank
+    after stall_limit seconds with one line naming its rank and host, instead of holding it for ever."""
+    code = ("import time\nimport horovod.torch as hvd\nfrom hvd_megdet import dist\n"
+            "hvd.init = lambda *args, **kwargs: time.sleep(600)\ndist.init(stall_limit=1)\nprint('returned')\n")
+    env = {**os.environ, "HOROVOD_RANK": "3"}
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert ended.returncode == 1 and "returned" not in ended.stdout
+    assert f"error: rank 3 (host {socket.gethostname()}, pid " in ended.stderr
+    assert "start-up did not finish in 1 s (stall_limit)" in ended.stderr
+
+
+def test_a_start_up_that_finishes_leaves_the_rank_running_past_the_limit():
+    code = "import time\nfrom hvd_megdet import dist\ndist.init(stall_limit=1)\ntime.sleep(2.5)\nprint('alive')\n"
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (ran.returncode, ran.stdout) == (0, "alive\n"), ran.stderr
 
 
 @pytest.mark.multirank
