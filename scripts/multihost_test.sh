@@ -251,7 +251,7 @@ lost_under() {  # lost_under NAME HOROVODRUN_OPTIONS...: c2 killed mid-run; then
     # quicker and SIGTERMs rank 0) its watchdog's monitor.
     note "$name: $(grep -E "error: rank [0-9]+: " "$TMP/$name.log" | tr '\n' ' ')"
     grep -qE "error: rank 0: (a collective failed|ended by the launcher; gone before): rank 1 .*\(host c2, pid [0-9]+\)" \
-        "$TMP/$name.log" || die "$name: rank 0's line does not name rank 1 on c2"
+        "$TMP/$name.log" || { tail -30 "$TMP/$name.log" >&2; die "$name: rank 0's line does not name rank 1 on c2"; }
     start=$SECONDS
     run "$name-resume" "${HVDRUN[@]}" -np 2 -H c1:1,c3:1 "${options[@]}" "${TRAIN[@]}" output_dir=output/$name \
         solver.max_iter=8 'solver.steps=[7]' --resume
