@@ -307,6 +307,26 @@ def test_resume_runs_only_what_is_not_done(tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
+def test_a_resumed_grid_reports_every_done_run_before_it_reaches_it(tmp_path):
+    """Resuming after runs were added to a grid: the reports written while the first new run trains already
+    hold the done runs that come after it, so a results.json copied mid-grid loses nothing."""
+    grid_path = write_grid(tmp_path, axes={"batch": [2, 4], "norm": ["frozen", "cgbn"]})
+    grid = load_grid(grid_path)
+    runs, _, _ = expand(grid)
+    out = tmp_path / "out"
+    ablation.run_grid([runs[0], runs[2]], grid, out, grid_path, execute=FakeTrainer(), log=lambda *a: None)
+    seen = {}
+
+    def trainer(cmd, output_path, timeout):
+        name = Path(cmd[-1].split("=", 1)[1]).name
+        seen[name] = [r["name"] for r in json.loads((out / "results.json").read_text())["results"]]
+        return FakeTrainer()(cmd, output_path, timeout)
+
+    ablation.run_grid(runs, grid, out, grid_path, execute=trainer, log=lambda *a: None)
+    assert seen[runs[1].name] == [runs[0].name, runs[2].name]
+    assert seen[runs[3].name] == [runs[0].name, runs[1].name, runs[2].name]
+
+
 def test_finished_runs_of_another_copy_of_the_grid_are_imported_not_trained_again(tmp_path):
     """A grid spread over machines: the results.json of one copy (e.g. committed beside a doc) makes another
     skip the runs it finished with the same settings; failed and changed runs are trained."""

@@ -79,25 +79,25 @@ def run_grid(runs, grid, out, grid_path, execute=execute, log=print, blocks=None
     block, see `plot`) after each; return the results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    # Runs done by an earlier call are in the reports from the start, not only once the loop reaches them: a
+    # resumed grid's results.json never holds fewer runs than it did.
+    finished = {run.name: result for run in runs if is_done(result := read_result(out / run.name), run)}
     for i, run in enumerate(runs, 1):
-        run_dir = out / run.name
-        result = read_result(run_dir)
-        if is_done(result, run):
-            log(f"[{i}/{len(runs)}] {run.name}: done already ({result['status']}), skipped")
+        if run.name in finished:
+            log(f"[{i}/{len(runs)}] {run.name}: done already ({finished[run.name]['status']}), skipped")
         else:
             split = f"{run.ranks} ranks x {run.ims_per_gpu} images" + (
                 f" x {run.passes} passes" if run.passes > 1 else "")
             log(f"[{i}/{len(runs)}] {run.name}: {split}, lr {run.lr:g}, "
                 f"{run.max_iter} iterations ({run.iters_per_epoch} per epoch) ...")
-            result = train_run(run, run_dir, grid, execute)
+            result = finished[run.name] = train_run(run, run_dir=out / run.name, grid=grid, execute=execute)
             log(f"    {result['status']}" + (f": {result['reason']}" if result["reason"] else "")
                 + f"; AP {fmt(result['AP'])}, AP50 {fmt(result['AP50'])}; {fmt_time(result['wall_s'])} wall")
-        results.append(result)
+        so_far = [finished[r.name] for r in runs if r.name in finished]
         # after every run, so that a grid that runs for days shows its curves so far
-        write_reports(results, out, grid_path, blocks)
-        plot(results, out, blocks)
-    return results
+        write_reports(so_far, out, grid_path, blocks)
+        plot(so_far, out, blocks)
+    return [finished[r.name] for r in runs]
 
 
 def import_results(path, runs, out, log=print):
